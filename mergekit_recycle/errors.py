@@ -1,0 +1,76 @@
+"""Every error mergekit-recycle raises on purpose.
+
+Each class also subclasses the builtin that fits (as huggingface_hub's errors do), so
+callers can catch `ValueError` or `FileNotFoundError` without knowing our names, and
+carries what went wrong as attributes rather than only as text.
+"""
+
+from pathlib import Path
+from typing import ClassVar, Optional, Union
+
+
+class RecycleError(Exception):
+    """Root of the hierarchy: anything raised here on purpose derives from it."""
+
+    # How to fix it; the CLI prints it after the message.
+    hint: ClassVar[str] = ""
+    # Exit status of the CLI: 2 for input the user can fix, 1 for everything else.
+    exit_code: ClassVar[int] = 1
+
+
+class ConfigFileError(RecycleError, ValueError):
+    """A YAML file that cannot be used as written, with the field at fault.
+
+    Rendered as ``path: location: message``, e.g.
+    ``recipes/x.yaml: tasks[0].metric: field required``.
+    """
+
+    exit_code = 2
+
+    def __init__(self, path: Union[str, Path], location: str, message: str):
+        self.path = Path(path)
+        self.location = location
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.location}: " if self.location else ""
+        return f"{self.path}: {where}{self.message}"
+
+
+class RecipeError(ConfigFileError):
+    """A recycling recipe that is malformed or points at something missing."""
+
+
+class RecipeFileNotFoundError(RecipeError, FileNotFoundError):
+    """The recipe file itself does not exist."""
+
+    def __init__(self, path: Union[str, Path]):
+        super().__init__(path, "", "recipe file not found")
+
+
+class MergeConfigError(ConfigFileError):
+    """A mergekit YAML that mergekit (or recycle_linear) cannot merge as written."""
+
+
+class RecycleLinearError(RecycleError, ValueError):
+    """recycle_linear was given weights or a scale it cannot use.
+
+    ``model`` names the input at fault (None when the fault is not one model's) and
+    ``tensor`` the parameter being merged when it was found.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, model: Optional[str] = None, tensor: Optional[str] = None):
+        self.model = model
+        self.tensor = tensor
+        self.reason = message
+        parts = ["recycle_linear"]
+        if model is not None:
+            parts.append(f"model {model}")
+        parts.append(message)
+        text = ": ".join(parts)
+        if tensor is not None:
+            text += f" (while merging {tensor})"
+        super().__init__(text)

@@ -1,0 +1,279 @@
+"""The recipe: a frozen description of one recycling job, read from YAML.
+
+A recipe is data. It names the pool of checkpoints, the tasks that score a merge,
+and the settings of the search, the merge and the output; a run is a plan applied to
+it. Every relative path in a recipe is relative to the folder of the recipe file.
+"""
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Dict, Literal, Optional, Tuple, Union
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    StringConstraints,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from mergekit_recycle.config_files import read_yaml, validate_model
+from mergekit_recycle.errors import RecipeError, RecipeFileNotFoundError
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+def _repo_id(value: str) -> str:
+    if not _REPO_ID.match(value):
+        raise ValueError(f"{value!r} is not a Hub repo id of the form org/name")
+    return value
+
+
+def _name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"{value!r} is not a name: use letters, digits, '.', '_' and '-' (at most 96)")
+    return value
+
+
+RepoId = Annotated[str, AfterValidator(_repo_id)]
+Name = Annotated[str, AfterValidator(_name)]
+NonEmpty = Annotated[str, StringConstraints(min_length=1, strip_whitespace=True)]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _recipe_dir(info: ValidationInfo) -> Path:
+    context = info.context or {}
+    return Path(context.get("recipe_dir", ".")).resolve()
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    return (_recipe_dir(info) / Path(path).expanduser()).resolve()
+
+
+class LocalCheckpoint(Frozen):
+    """A checkpoint directory on disk (config.json plus weights)."""
+
+    path: Path
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, path: Path, info: ValidationInfo) -> Path:
+        resolved = _resolve(path, info)
+        if not resolved.is_dir():
+            raise ValueError(f"no such checkpoint directory: {resolved}")
+        if not (resolved / "config.json").is_file():
+            raise ValueError(f"not a checkpoint directory (no config.json): {resolved}")
+        return resolved
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+    def describe(self) -> str:
+        return f"local  {self.path}"
+
+
+class HubCheckpoints(Frozen):
+    """Checkpoints in a Hub repo: one per matching revision and subfolder.
+
+    Revisions and subfolders may be glob patterns; they are resolved against the
+    repo's refs and tree, then pinned to commit SHAs, when the pool is pulled.
+    """
+
+    repo: RepoId
+    revisions: Tuple[NonEmpty, ...] = Field(default=("main",), min_length=1)
+    subfolders: Optional[Tuple[NonEmpty, ...]] = Field(default=None, min_length=1)
+
+    @property
+    def label(self) -> str:
+        return self.repo
+
+    def describe(self) -> str:
+        text = f"hub    {self.repo}  revisions={list(self.revisions)}"
+        if self.subfolders:
+            text += f"  subfolders={list(self.subfolders)}"
+        return text + "  (resolved and pinned to commit SHAs when the pool is pulled)"
+
+
+def _entry_kind(value: Any) -> Optional[str]:
+    if isinstance(value, dict):
+        return "local" if "path" in value else "hub" if "repo" in value else None
+    if isinstance(value, LocalCheckpoint):
+        return "local"
+    return "hub" if isinstance(value, HubCheckpoints) else None
+
+
+PoolEntry = Annotated[
+    Union[Annotated[LocalCheckpoint, Tag("local")], Annotated[HubCheckpoints, Tag("hub")]],
+    Discriminator(
+        _entry_kind,
+        custom_error_type="pool_entry",
+        custom_error_message="a checkpoint needs either `path:` (a local directory) or `repo:` (a Hub repo)",
+    ),
+]
+
+
+class TaskSpec(Frozen):
+    """One capability: an lm-eval task scored during the search, and its held-out twin."""
+
+    name: Name
+    search: NonEmpty
+    holdout: NonEmpty
+    metric: NonEmpty
+    weight: NonNegativeFloat = 1.0
+    limit: Optional[PositiveInt] = None
+
+    @model_validator(mode="after")
+    def _holdout_is_held_out(self) -> "TaskSpec":
+        if self.search == self.holdout:
+            raise ValueError(f"search and holdout are both {self.search!r}; the holdout task must not be seen by the search")
+        return self
+
+    @property
+    def metric_key(self) -> str:
+        """The key lm-eval reports the metric under; the `none` filter is implied."""
+        return self.metric if "," in self.metric else f"{self.metric},none"
+
+
+ScaleRange = Tuple[PositiveFloat, PositiveFloat]
+
+
+class SearchSettings(Frozen):
+    """CMA-ES settings. `scale` is a number, or a [lo, hi] range to search (needs a base)."""
+
+    budget: PositiveInt = 100
+    population: Optional[Annotated[int, Field(ge=2)]] = None
+    sigma0: PositiveFloat = 0.25
+    seed: Annotated[int, Field(ge=0)] = 0
+    scale: Union[PositiveFloat, ScaleRange] = 1.0
+
+    @field_validator("scale")
+    @classmethod
+    def _ordered(cls, scale: Union[float, ScaleRange]) -> Union[float, ScaleRange]:
+        if isinstance(scale, tuple) and not scale[0] < scale[1]:
+            raise ValueError(f"a scale range needs lo < hi, got {list(scale)}")
+        return scale
+
+    @property
+    def scale_is_searched(self) -> bool:
+        return isinstance(self.scale, tuple)
+
+
+class MergeSettings(Frozen):
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
+    device: Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+
+
+class OutputSettings(Frozen):
+    run_dir: Optional[Path] = None
+    hub_repo: Optional[RepoId] = None
+    private: bool = True
+
+
+class Recipe(Frozen):
+    """A recycling job. Build it with `load_recipe` (or `parse_recipe` for in-memory data)."""
+
+    name: Name
+    pool: Tuple[PoolEntry, ...] = Field(min_length=2)
+    base: Optional[PoolEntry] = None
+    tasks: Tuple[TaskSpec, ...] = Field(min_length=1)
+    task_paths: Tuple[Path, ...] = ()
+    search: SearchSettings = SearchSettings()
+    merge: MergeSettings = MergeSettings()
+    output: OutputSettings = Field(default_factory=OutputSettings, validate_default=True)
+
+    @field_validator("task_paths")
+    @classmethod
+    def _task_paths_exist(cls, paths: Tuple[Path, ...], info: ValidationInfo) -> Tuple[Path, ...]:
+        resolved = []
+        for path in paths:
+            full = _resolve(path, info)
+            if not full.exists():
+                raise ValueError(f"no such task path: {full}")
+            resolved.append(full)
+        return tuple(resolved)
+
+    @field_validator("output")
+    @classmethod
+    def _run_dir(cls, output: OutputSettings, info: ValidationInfo) -> OutputSettings:
+        run_dir = output.run_dir if output.run_dir is not None else Path("runs") / info.data.get("name", "recipe")
+        return output.model_copy(update={"run_dir": _resolve(run_dir, info)})
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        seen: Dict[Any, int] = {}
+        for index, entry in enumerate(self.pool):
+            key = entry if isinstance(entry, LocalCheckpoint) else (entry.repo, frozenset(entry.revisions), frozenset(entry.subfolders or ()))
+            if key in seen:
+                raise ValueError(f"pool[{index}] duplicates pool[{seen[key]}] ({entry.label})")
+            seen[key] = index
+        names = [task.name for task in self.tasks]
+        for index, name in enumerate(names):
+            if names.index(name) != index:
+                raise ValueError(f"tasks[{index}].name: {name!r} is used by tasks[{names.index(name)}] too")
+        if sum(task.weight for task in self.tasks) <= 0:
+            raise ValueError("tasks: every task weight is 0; give at least one task a positive weight")
+        scale = self.search.scale
+        if self.base is None and (self.search.scale_is_searched or scale != 1.0):
+            raise ValueError(f"search.scale: scale {scale!r} needs `base:` (the anchor to extrapolate from)")
+        return self
+
+
+def parse_recipe(data: Any, recipe_dir: Path, source: Path = Path("<recipe>")) -> Recipe:
+    """Validate recipe data whose relative paths are relative to `recipe_dir`."""
+    return validate_model(
+        Recipe, data, source, RecipeError, context={"recipe_dir": recipe_dir}, skip_locations=("local", "hub")
+    )
+
+
+def load_recipe(path: Union[str, Path]) -> Recipe:
+    """Read and validate a recipe file; raise RecipeError naming the field at fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeFileNotFoundError(path)
+    return parse_recipe(read_yaml(path, RecipeError), path.parent, source=path)
+
+
+def describe_recipe(recipe: Recipe, source: Optional[Path] = None) -> str:
+    """The resolved plan of a recipe, as `validate` prints it."""
+    lines = [f"recipe   {recipe.name}" + (f"  ({source})" if source else "")]
+    lines.append(f"pool     {len(recipe.pool)} entries")
+    lines += [f"  [{i}] {entry.describe()}" for i, entry in enumerate(recipe.pool)]
+    if recipe.base is None:
+        lines.append("base     none: the merge is the plain weighted average Σ wᵢ θᵢ, Σw = 1")
+    else:
+        lines.append(f"base     {recipe.base.describe()}")
+        lines.append("         the merge is θ_base + scale · Σ wᵢ (θᵢ − θ_base), Σw = 1")
+    total = sum(task.weight for task in recipe.tasks)
+    lines.append(f"tasks    {len(recipe.tasks)}; objective = weighted mean of the search metrics")
+    for task in recipe.tasks:
+        limit = "all examples" if task.limit is None else f"a seeded subset of {task.limit}"
+        lines.append(
+            f"  {task.name}: search={task.search} holdout={task.holdout} metric={task.metric_key} "
+            f"weight={task.weight:g} ({task.weight / total:.0%} of the objective), {limit}"
+        )
+    lines.append("task_paths " + (", ".join(str(p) for p in recipe.task_paths) or "none (lm-eval's own tasks)"))
+    search = recipe.search
+    population = "cma's default" if search.population is None else str(search.population)
+    scale = f"searched in [{search.scale[0]:g}, {search.scale[1]:g}]" if search.scale_is_searched else f"{search.scale:g}"
+    lines.append(
+        f"search   CMA-ES: budget={search.budget} evaluations, population={population}, "
+        f"sigma0={search.sigma0:g}, seed={search.seed}, scale={scale}"
+    )
+    lines.append(f"merge    recycle_linear, dtype={recipe.merge.dtype}, device={recipe.merge.device}")
+    output = recipe.output
+    hub = output.hub_repo or "none (not published)"
+    lines.append(f"output   run_dir={output.run_dir}, hub_repo={hub}, private={str(output.private).lower()}")
+    return "\n".join(lines)

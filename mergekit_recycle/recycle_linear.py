@@ -1,0 +1,88 @@
+"""The `recycle_linear` merge method: θ = θ_anchor + scale · Σ wᵢ (θᵢ − θ_anchor), Σw = 1.
+
+Without an anchor (`base_model`) and with scale 1 this is the weighted average of
+Khalifa et al. 2024 ("If You Can't Use Them, Recycle Them"). With an anchor, scale > 1
+extrapolates along the direction in which the pool moved away from the anchor.
+
+The anchor may carry a weight of its own when it is also a member of the pool; when it
+carries none it counts as weight 0 (it then only anchors the extrapolation). Inputs
+with weight 0 contribute nothing, and `prepare_merge_config` drops them before
+mergekit plans the merge, so their tensors are never read.
+"""
+
+from typing import Dict, Hashable, Mapping, Optional
+
+import torch
+from mergekit.merge_methods.base import BasePolicy, InputContract, PerInput, TensorGroup
+from mergekit.merge_methods.easy_define import merge_method
+
+from mergekit_recycle.constants import RECYCLE_LINEAR
+from mergekit_recycle.errors import RecycleLinearError
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 inputs stay float64; everything else is summed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_weights(
+    weights: Mapping[Hashable, Optional[float]],
+    scale: float,
+    has_anchor: bool,
+    anchor: Optional[Hashable] = None,
+    tensor: Optional[str] = None,
+) -> Dict[Hashable, float]:
+    """Validate per-input weights and the scale; return the weights with None resolved.
+
+    Only the anchor may go without a weight (it then counts 0). Raises
+    RecycleLinearError naming the input at fault.
+    """
+    resolved = {}
+    for model, weight in weights.items():
+        if weight is None:
+            if model != anchor:
+                raise RecycleLinearError("no weight given", model=str(model), tensor=tensor)
+            weight = 0.0
+        weight = float(weight)
+        if not weight >= 0.0:  # also rejects NaN
+            raise RecycleLinearError(f"weight must be >= 0, got {weight}", model=str(model), tensor=tensor)
+        resolved[model] = weight
+    if resolved and sum(resolved.values()) <= 0.0:
+        raise RecycleLinearError("all weights are zero; give at least one model a positive weight", tensor=tensor)
+    if not scale == scale:
+        raise RecycleLinearError("scale must be a number, got NaN", tensor=tensor)
+    if not has_anchor and scale != 1.0:
+        raise RecycleLinearError(f"scale={scale} needs a base_model (the anchor to extrapolate from)", tensor=tensor)
+    return resolved
+
+
+@merge_method(
+    name=RECYCLE_LINEAR,
+    pretty_name="Recycle Linear",
+    reference_url="https://arxiv.org/abs/2412.04144",
+    contract=InputContract(base=BasePolicy.OPTIONAL, min_inputs=1),
+)
+def recycle_linear(
+    group: TensorGroup,
+    weight: PerInput[Optional[float]] = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    base = group.base
+    weights = check_weights(
+        {entry.id: weight[entry.id] for entry in group.entries},
+        scale,
+        has_anchor=base is not None,
+        anchor=base.id if base is not None else None,
+        tensor=group.metadata.name,
+    )
+    first = group.entries[0].tensor
+    dtype = accumulation_dtype(first.dtype)
+    result = torch.zeros_like(first, dtype=dtype)
+    for entry in group.entries:
+        if weights[entry.id] != 0.0:
+            result.add_(entry.tensor.to(dtype), alpha=weights[entry.id])
+    result.div_(sum(weights.values()))
+    if base is not None and scale != 1.0:
+        # θ_a + s·(avg − θ_a) = s·avg + (1 − s)·θ_a
+        result.mul_(scale).add_(base.tensor.to(dtype), alpha=1.0 - scale)
+    return result.to(first.dtype)
