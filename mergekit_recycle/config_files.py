@@ -1,5 +1,7 @@
 """Reading YAML files into pydantic models, with one-line errors that name the field."""
 
+import json
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Type, TypeVar
 
@@ -9,6 +11,7 @@ import yaml
 from mergekit_recycle.errors import ConfigFileError
 
 Model = TypeVar("Model", bound=pydantic.BaseModel)
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
 def format_location(loc: Iterable[Any], skip: Iterable[str] = ()) -> str:
@@ -20,8 +23,10 @@ def format_location(loc: Iterable[Any], skip: Iterable[str] = ()) -> str:
             text += f"[{part}]"
         elif part in skip:
             continue
-        else:
-            text += f".{part}" if text else str(part)
+        elif isinstance(part, str) and _PLAIN_KEY.match(part):
+            text += f".{part}" if text else part
+        else:  # keys a user could not type plainly are quoted, so the message stays one line
+            text += f"[{json.dumps(str(part))}]"
     return text
 
 

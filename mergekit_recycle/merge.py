@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
+from mergekit.merge_methods import registry
 from mergekit.options import MergeOptions
 
 from mergekit_recycle.config_files import read_yaml, validate_model
@@ -25,7 +26,11 @@ def load_merge_config(path: Path) -> Tuple[MergeConfiguration, str]:
     if not path.is_file():
         raise MergeConfigError(path, "", "file not found")
     data = read_yaml(path, MergeConfigError)
-    return validate_model(MergeConfiguration, data, path, MergeConfigError), path.read_text(encoding="utf-8")
+    config = validate_model(MergeConfiguration, data, path, MergeConfigError)
+    known = sorted(method.spec.name for method in registry.registered_methods())
+    if config.merge_method not in known:
+        raise MergeConfigError(path, "merge_method", f"unknown merge method {config.merge_method!r}; known: {', '.join(known)}")
+    return config, path.read_text(encoding="utf-8")
 
 
 def _scalar(setting: Any) -> Optional[float]:

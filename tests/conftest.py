@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny Llama checkpoints and lm-eval tasks built on the spot, all offline."""
+
+import os
+
+# Nothing in the test suite may reach the Hub; set before huggingface_hub is imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from mergekit_recycle import demo_pool
+
+CHECKPOINTS = ["ckpt-a", "ckpt-b", "ckpt-c", "anchor"]
+
+
+@pytest.fixture(scope="session")
+def pool_dir(tmp_path_factory) -> Path:
+    """Four tiny Llama checkpoints (hidden size 32) with a shared tokenizer, plus tasks."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    root = tmp_path_factory.mktemp("pool")
+    tokenizer = demo_pool.char_tokenizer()
+    for seed, name in enumerate(CHECKPOINTS):
+        demo_pool.save_checkpoint(demo_pool.tiny_llama(tokenizer, seed=seed), tokenizer, root / name)
+    demo_pool.write_tasks(root / "tasks", seed=0, dev_size=20, test_size=20)
+    return root
+
+
+@pytest.fixture
+def pool(pool_dir, tmp_path) -> Dict[str, Path]:
+    """A private copy of the pool that a test may damage (delete files, edit configs)."""
+    copy = tmp_path / "pool"
+    shutil.copytree(pool_dir, copy)
+    return {name: copy / name for name in CHECKPOINTS} | {"tasks": copy / "tasks", "root": copy}
+
+
+def run_cli(*args: str, env: Dict[str, str] = None, cwd: Path = None) -> subprocess.CompletedProcess:
+    """Run the installed `mergekit-recycle` console script as a user would."""
+    script = Path(sys.executable).parent / "mergekit-recycle"
+    return subprocess.run(
+        [str(script), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def lines(text: str) -> List[str]:
+    return [line for line in text.splitlines() if line.strip()]
