@@ -15,8 +15,14 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
+from hypothesis import settings
 
 from mergekit_recycle import demo_pool
+
+# CI replays the same examples every run, so a red build always reproduces.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 CHECKPOINTS = ["ckpt-a", "ckpt-b", "ckpt-c", "anchor"]
 

@@ -159,3 +159,17 @@ def test_kernel_errors_name_the_model_and_parameter(weights, scale, base, expect
     assert info.value.tensor == "w"
     assert "\n" not in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_merge_matches_cpu(pool, tmp_path):
+    models = [
+        {"model": str(pool["ckpt-a"]), "parameters": {"weight": 0.4}},
+        {"model": str(pool["ckpt-b"]), "parameters": {"weight": 0.6}},
+    ]
+    config = {"merge_method": "recycle_linear", "base_model": str(pool["anchor"]), "models": models,
+              "parameters": {"scale": 1.3}, "dtype": "float32"}
+    cpu = merge_with_mergekit(config, tmp_path / "cpu")
+    run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "gpu"),
+              options=MergeOptions(quiet=True, write_model_card=False, cuda=True))
+    assert_close(tensors(tmp_path / "gpu"), cpu, atol=1e-5)
