@@ -56,21 +56,20 @@ class MergeConfigError(ConfigFileError):
 class RecycleLinearError(RecycleError, ValueError):
     """recycle_linear was given weights or a scale it cannot use.
 
-    ``model`` names the input at fault (None when the fault is not one model's) and
-    ``tensor`` the parameter being merged when it was found.
+    ``parameter`` is the merge parameter at fault (``weight`` or ``scale``), ``model``
+    the input it belongs to (None when it is not one model's) and ``tensor`` the
+    tensor being merged when the fault was found.
     """
 
     exit_code = 2
+    hint = "weights must be >= 0 with one > 0; a scale other than 1 needs base_model"
 
-    def __init__(self, message: str, model: Optional[str] = None, tensor: Optional[str] = None):
+    def __init__(self, reason: str, parameter: str, model: Optional[str] = None, tensor: Optional[str] = None):
+        self.reason = reason
+        self.parameter = parameter
         self.model = model
         self.tensor = tensor
-        self.reason = message
-        parts = ["recycle_linear"]
-        if model is not None:
-            parts.append(f"model {model}")
-        parts.append(message)
-        text = ": ".join(parts)
+        text = "recycle_linear: " + (f"model {model}: " if model is not None else "") + reason
         if tensor is not None:
             text += f" (while merging {tensor})"
         super().__init__(text)

@@ -8,9 +8,9 @@ card does not ask the Hub about them.
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-from mergekit.config import MergeConfiguration
+from mergekit.config import InputModelDefinition, MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.merge_methods import registry
 from mergekit.options import MergeOptions
@@ -40,21 +40,8 @@ def _scalar(setting: Any) -> Optional[float]:
     return None
 
 
-def _inputs(config: MergeConfiguration) -> List[Tuple[str, Any]]:
-    """(location, input definition) for every model entry of the configuration."""
-    found = [(f"models[{i}]", m) for i, m in enumerate(config.models or [])]
-    for i, output_slice in enumerate(config.slices or []):
-        found += [(f"slices[{i}].sources[{j}]", s) for j, s in enumerate(output_slice.sources)]
-    for name, module in (config.modules or {}).items():
-        found += [(f"modules.{name}.models[{i}]", m) for i, m in enumerate(module.models or [])]
-        for i, output_slice in enumerate(module.slices or []):
-            found += [
-                (f"modules.{name}.slices[{i}].sources[{j}]", s) for j, s in enumerate(output_slice.sources)
-            ]
-    return found
-
-
-def _weight_setting(config: MergeConfiguration, entry: Any) -> Any:
+def _weight(config: MergeConfiguration, entry: InputModelDefinition) -> Any:
+    """The weight setting that applies to a `models:` entry (its own, else the global one)."""
     for parameters in (entry.parameters, config.parameters):
         if parameters and "weight" in parameters:
             return parameters["weight"]
@@ -64,60 +51,41 @@ def _weight_setting(config: MergeConfiguration, entry: Any) -> Any:
 def check_recycle_linear(config: MergeConfiguration, path: Path) -> None:
     """Refuse negative, missing or all-zero weights and a scale without an anchor.
 
-    Weights given as gradients or filtered lists vary per tensor; the kernel checks those.
+    Covers the `models:` form, where every weight applies to every tensor. Weights that
+    vary per tensor (gradients, filters, the `slices:` and `modules:` forms) are checked
+    by the kernel as it merges each tensor.
     """
-    entries = _inputs(config)
+    entries = config.models or []
     weights: Dict[int, Optional[float]] = {}
-    varying = False
-    for index, (_, entry) in enumerate(entries):
-        setting = _weight_setting(config, entry)
+    varies = False
+    for index, entry in enumerate(entries):
+        setting = _weight(config, entry)
         if setting is not None and _scalar(setting) is None:
-            varying = True
+            varies = True
         else:
             weights[index] = _scalar(setting)
-    if varying:  # a varying weight may be the positive one
+    if varies:  # a varying weight may be the positive one
         weights[-1] = 1.0
-    anchor = next((i for i, (_, e) in enumerate(entries) if e.model == config.base_model), None)
+    anchor = next((i for i, entry in enumerate(entries) if entry.model == config.base_model), None)
     scale = _scalar((config.parameters or {}).get("scale", 1.0))
     try:
         check_weights(weights, 1.0 if scale is None else scale, config.base_model is not None, anchor)
     except RecycleLinearError as exc:
         if exc.model is None:
-            where = "parameters.scale" if "scale" in exc.reason else "models"
+            where = "parameters.scale" if exc.parameter == "scale" else "models"
             raise MergeConfigError(path, where, exc.reason) from None
-        location, entry = entries[int(exc.model)]
-        raise MergeConfigError(path, f"{location}.parameters.weight", f"model {entry.model}: {exc.reason}") from None
+        index = int(exc.model)
+        raise MergeConfigError(
+            path, f"models[{index}].parameters.weight", f"model {entries[index].model}: {exc.reason}"
+        ) from None
 
 
 def drop_zero_weight_models(config: MergeConfiguration) -> MergeConfiguration:
-    """Remove inputs whose weight is exactly 0 (never the base model), so none of their tensors is read."""
-
-    def keep(entry: Any) -> bool:
-        return entry.model == config.base_model or _scalar(_weight_setting(config, entry)) != 0.0
-
-    update: Dict[str, Any] = {}
-    if config.models:
-        update["models"] = [m for m in config.models if keep(m)]
-    if config.slices:
-        update["slices"] = [
-            s.model_copy(update={"sources": [src for src in s.sources if keep(src)]}) for s in config.slices
-        ]
-    if config.modules:
-        update["modules"] = {
-            name: module.model_copy(
-                update={
-                    "models": [m for m in module.models if keep(m)] if module.models else module.models,
-                    "slices": [
-                        s.model_copy(update={"sources": [src for src in s.sources if keep(src)]})
-                        for s in module.slices
-                    ]
-                    if module.slices
-                    else module.slices,
-                }
-            )
-            for name, module in config.modules.items()
-        }
-    return config.model_copy(update=update)
+    """Remove `models:` entries whose weight is exactly 0 (never the anchor), so none of their tensors is read."""
+    if not config.models:
+        return config
+    kept = [m for m in config.models if m.model == config.base_model or _scalar(_weight(config, m)) != 0.0]
+    return config.model_copy(update={"models": kept})
 
 
 def absolute_local_paths(config: MergeConfiguration) -> MergeConfiguration:

@@ -10,6 +10,7 @@ with weight 0 contribute nothing, and `prepare_merge_config` drops them before
 mergekit plans the merge, so their tensors are never read.
 """
 
+import math
 from typing import Dict, Hashable, Mapping, Optional
 
 import torch
@@ -41,18 +42,18 @@ def check_weights(
     for model, weight in weights.items():
         if weight is None:
             if model != anchor:
-                raise RecycleLinearError("no weight given", model=str(model), tensor=tensor)
+                raise RecycleLinearError("no weight given", "weight", model=str(model), tensor=tensor)
             weight = 0.0
         weight = float(weight)
-        if not weight >= 0.0:  # also rejects NaN
-            raise RecycleLinearError(f"weight must be >= 0, got {weight}", model=str(model), tensor=tensor)
+        if not (math.isfinite(weight) and weight >= 0.0):
+            raise RecycleLinearError(f"weight must be a finite number >= 0, got {weight}", "weight", model=str(model), tensor=tensor)
         resolved[model] = weight
     if resolved and sum(resolved.values()) <= 0.0:
-        raise RecycleLinearError("all weights are zero; give at least one model a positive weight", tensor=tensor)
-    if not scale == scale:
-        raise RecycleLinearError("scale must be a number, got NaN", tensor=tensor)
+        raise RecycleLinearError("all weights are zero; give at least one model a positive weight", "weight", tensor=tensor)
+    if not math.isfinite(scale):
+        raise RecycleLinearError(f"scale must be a finite number, got {scale}", "scale", tensor=tensor)
     if not has_anchor and scale != 1.0:
-        raise RecycleLinearError(f"scale={scale} needs a base_model (the anchor to extrapolate from)", tensor=tensor)
+        raise RecycleLinearError(f"scale={scale} needs a base_model (the anchor to extrapolate from)", "scale", tensor=tensor)
     return resolved
 
 

@@ -88,7 +88,7 @@ def test_runs_other_mergekit_methods(pool, tmp_path):
 @pytest.mark.parametrize(
     "weights, extra, location, words",
     [
-        ({"ckpt-a": 1.0, "ckpt-b": -2.0}, {}, "models[1].parameters.weight", ["ckpt-b", "weight must be >= 0"]),
+        ({"ckpt-a": 1.0, "ckpt-b": -2.0}, {}, "models[1].parameters.weight", ["ckpt-b", "weight must be a finite number >= 0"]),
         ({"ckpt-a": 0.0, "ckpt-b": 0.0}, {}, "models", ["all weights are zero"]),
         ({"ckpt-a": 1.0, "ckpt-b": 1.0}, {"parameters": {"scale": 1.5}}, "parameters.scale", ["needs a base_model"]),
         ({"ckpt-a": 1.0, "ckpt-b": 1.0}, {"merge_method": "no_such_method"}, "merge_method", ["unknown merge method"]),

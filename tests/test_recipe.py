@@ -115,6 +115,7 @@ BAD_RECIPES = {
     "scale range reversed": (lambda r: r["search"].update(scale=[1.5, 1.0]), "search.scale: a scale range needs lo < hi"),
     "duplicate task names": (lambda r: r["tasks"][1].update(name="add"), "tasks[1].name: 'add' is used by tasks[0] too"),
     "bad dtype": (lambda r: r["merge"].update(dtype="int4"), "merge.dtype: input should be"),
+    "infinite sigma0": (lambda r: r["search"].update(sigma0=float("inf")), "search.sigma0: input should be a finite number"),
 }
 
 

@@ -145,10 +145,12 @@ def test_zero_weight_model_is_never_read(pool, tmp_path):
 @pytest.mark.parametrize(
     "weights, scale, base, expected",
     [
-        ({"a": 1.0, "b": -0.5}, 1.0, None, "recycle_linear: model b: weight must be >= 0, got -0.5 (while merging w)"),
+        ({"a": 1.0, "b": -0.5}, 1.0, None, "recycle_linear: model b: weight must be a finite number >= 0, got -0.5 (while merging w)"),
         ({"a": 0.0, "b": 0.0}, 1.0, None, "recycle_linear: all weights are zero"),
         ({"a": 1.0, "b": 1.0}, 1.5, None, "recycle_linear: scale=1.5 needs a base_model"),
         ({"a": 1.0, "b": None}, 1.0, "a", "recycle_linear: model b: no weight given"),
+        ({"a": 1.0, "b": float("inf")}, 1.0, None, "recycle_linear: model b: weight must be a finite number"),
+        ({"a": 1.0, "b": 1.0}, float("nan"), "a", "recycle_linear: scale must be a finite number, got nan"),
     ],
 )
 def test_kernel_errors_name_the_model_and_parameter(weights, scale, base, expected):
@@ -157,6 +159,7 @@ def test_kernel_errors_name_the_model_and_parameter(weights, scale, base, expect
         merge_state_dicts(state, "recycle_linear", parameters={"weight": weights, "scale": scale}, base=base)
     assert str(info.value).startswith(expected)
     assert info.value.tensor == "w"
+    assert info.value.parameter == ("scale" if "scale" in expected else "weight")
     assert "\n" not in str(info.value)
     assert isinstance(info.value, ValueError)
 
