@@ -1,15 +1,14 @@
 # mergekit-recycle: install, test and demo.
 #
 # torch is installed first and on its own, so that no other requirement can pull in
-# a different build. Override the choice with TORCH_SPEC / TORCH_PIP_ARGS, e.g. on a
-# CUDA machine:  make demo TORCH_PIP_ARGS="--index-url <your CUDA wheel index>"
+# a different build. Choose the build with TORCH_SPEC / TORCH_PIP_ARGS, e.g.
+#   make demo TORCH_PIP_ARGS="--index-url <the PyTorch wheel index for your CUDA or CPU>"
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
-DEMO_POOL ?= .toy-pool
 
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
@@ -34,14 +33,14 @@ $(INSTALLED): pyproject.toml $(TORCH_CHOICE)
 test: $(INSTALLED)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The demo pool is built once; delete $(DEMO_POOL) to build it again.
-$(DEMO_POOL)/recipe.yaml: | $(INSTALLED)
-	$(BIN)/python -m mergekit_recycle.demo_pool $(DEMO_POOL)
+# The demo pool is built once, where recipes/pool.yaml expects it; delete .toy-pool/ to rebuild.
+.toy-pool/recipe.yaml: | $(INSTALLED)
+	$(BIN)/python -m mergekit_recycle.demo_pool .toy-pool
 
-demo: $(INSTALLED) $(DEMO_POOL)/recipe.yaml
+demo: $(INSTALLED) .toy-pool/recipe.yaml
 	$(BIN)/mergekit-recycle validate recipes/pool.yaml
 
 clean:
-	rm -rf $(VENV) $(DEMO_POOL) .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .toy-pool .pytest_cache .hypothesis *.egg-info
 
 FORCE:

@@ -14,15 +14,12 @@ Model = TypeVar("Model", bound=pydantic.BaseModel)
 _PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
-def format_location(loc: Iterable[Any], skip: Iterable[str] = ()) -> str:
-    """Render a pydantic location tuple as `tasks[0].metric`."""
-    skip = set(skip)
+def format_location(loc: Iterable[Any]) -> str:
+    """Render a location tuple as `tasks[0].metric`."""
     text = ""
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part in skip:
-            continue
         elif isinstance(part, str) and _PLAIN_KEY.match(part):
             text += f".{part}" if text else part
         else:  # keys a user could not type plainly are quoted, so the message stays one line
@@ -30,19 +27,63 @@ def format_location(loc: Iterable[Any], skip: Iterable[str] = ()) -> str:
     return text
 
 
-def read_yaml(path: Path, error: Type[ConfigFileError]) -> Any:
-    """Parse a YAML file, turning syntax errors into `error` with the line number."""
+def user_location(loc: Iterable[Any], data: Any, missing: bool) -> str:
+    """The part of a pydantic error location that the user wrote.
+
+    pydantic adds the names of union members (`constrained-float`, a discriminator's
+    tag) to locations; following the location through the input drops them. The last
+    part stays when the error is a missing field.
+    """
+    loc = list(loc)
+    written, current = [], data
+    for index, part in enumerate(loc):
+        if isinstance(current, dict) and part in current:
+            written.append(part)
+            current = current[part]
+        elif isinstance(current, (list, tuple)) and isinstance(part, int) and 0 <= part < len(current):
+            written.append(part)
+            current = current[part]
+        elif missing and index == len(loc) - 1:
+            written.append(part)
+    return format_location(written)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key; SafeLoader reports it itself
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path, error: Type[ConfigFileError], not_found: Type[ConfigFileError]) -> Any:
+    """Parse a YAML file; any problem becomes `error` (or `not_found`) with the line at fault."""
+    if not path.exists():
+        raise not_found(path)
+    if not path.is_file():
+        raise error(path, "", "not a file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise error(path, "", "not a UTF-8 text file") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise error(path, where, f"invalid YAML: {problem}") from None
+    except RecursionError:
+        raise error(path, "", "invalid YAML: nested too deeply") from None
 
 
 def validate_model(
@@ -51,7 +92,6 @@ def validate_model(
     path: Path,
     error: Type[ConfigFileError],
     context: Optional[Mapping[str, Any]] = None,
-    skip_locations: Iterable[str] = (),
 ) -> Model:
     """Validate `data` as `model`, raising `error` for the first invalid field."""
     if not isinstance(data, dict):
@@ -61,7 +101,7 @@ def validate_model(
         return model.model_validate(data, context=dict(context or {}))
     except pydantic.ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        location = format_location(first["loc"], skip_locations)
+        location = user_location(first["loc"], data, missing=first["type"] == "missing")
         message = first["msg"]
         message = message[0].lower() + message[1:] if message else "invalid value"
         if message.startswith("value error, "):

@@ -53,6 +53,13 @@ class MergeConfigError(ConfigFileError):
     """A mergekit YAML that mergekit (or recycle_linear) cannot merge as written."""
 
 
+class MergeConfigFileNotFoundError(MergeConfigError, FileNotFoundError):
+    """The mergekit YAML itself does not exist."""
+
+    def __init__(self, path: Union[str, Path]):
+        super().__init__(path, "", "merge configuration file not found")
+
+
 class RecycleLinearError(RecycleError, ValueError):
     """recycle_linear was given weights or a scale it cannot use.
 
@@ -62,7 +69,6 @@ class RecycleLinearError(RecycleError, ValueError):
     """
 
     exit_code = 2
-    hint = "weights must be >= 0 with one > 0; a scale other than 1 needs base_model"
 
     def __init__(self, reason: str, parameter: str, model: Optional[str] = None, tensor: Optional[str] = None):
         self.reason = reason

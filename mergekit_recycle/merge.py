@@ -2,30 +2,34 @@
 
 Preparation is what mergekit-yaml would not do for us: refuse recycle_linear settings
 that cannot merge before any tensor is read, drop zero-weight models so that their
-files are never opened, and make local model paths absolute so that mergekit's model
-card does not ask the Hub about them.
+files are never opened, and resolve local model paths (refusing missing ones, making
+the others absolute so that mergekit's model card does not ask the Hub about them).
 """
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
+from mergekit.common import ModelPath, ModelReference
 from mergekit.config import InputModelDefinition, MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.merge_methods import registry
 from mergekit.options import MergeOptions
+from pydantic import BaseModel
 
 from mergekit_recycle.config_files import read_yaml, validate_model
 from mergekit_recycle.constants import RECYCLE_LINEAR
-from mergekit_recycle.errors import MergeConfigError, RecycleLinearError
-from mergekit_recycle.recycle_linear import check_weights
+from mergekit_recycle.errors import MergeConfigError, MergeConfigFileNotFoundError, RecycleLinearError
+from mergekit_recycle.recycle_linear import check_scale, check_total, check_weight
+
+# The parameters recycle_linear takes, where a mergekit YAML may set them.
+GLOBAL_PARAMETERS = ("weight", "scale")
+MODEL_PARAMETERS = ("weight",)
 
 
 def load_merge_config(path: Path) -> Tuple[MergeConfiguration, str]:
     """Read a mergekit YAML; return the configuration and its source text."""
-    if not path.is_file():
-        raise MergeConfigError(path, "", "file not found")
-    data = read_yaml(path, MergeConfigError)
+    data = read_yaml(path, MergeConfigError, MergeConfigFileNotFoundError)
     config = validate_model(MergeConfiguration, data, path, MergeConfigError)
     known = sorted(method.spec.name for method in registry.registered_methods())
     if config.merge_method not in known:
@@ -34,8 +38,8 @@ def load_merge_config(path: Path) -> Tuple[MergeConfiguration, str]:
 
 
 def _scalar(setting: Any) -> Optional[float]:
-    """A parameter setting as one number, or None when it is a gradient or filter list."""
-    if isinstance(setting, (int, float)) and not isinstance(setting, bool):
+    """A parameter setting as one number, or None when it varies per tensor (gradient, filters)."""
+    if isinstance(setting, (int, float)):
         return float(setting)
     return None
 
@@ -49,35 +53,42 @@ def _weight(config: MergeConfiguration, entry: InputModelDefinition) -> Any:
 
 
 def check_recycle_linear(config: MergeConfiguration, path: Path) -> None:
-    """Refuse negative, missing or all-zero weights and a scale without an anchor.
+    """Refuse unknown parameters, negative, missing or all-zero weights, and a scale without an anchor.
 
-    Covers the `models:` form, where every weight applies to every tensor. Weights that
-    vary per tensor (gradients, filters, the `slices:` and `modules:` forms) are checked
-    by the kernel as it merges each tensor.
+    Covers the `models:` form, where a number applies to every tensor. Settings that vary
+    per tensor (gradients, filters, the `slices:` and `modules:` forms) are checked by
+    the kernel as it merges each tensor.
     """
-    entries = config.models or []
-    weights: Dict[int, Optional[float]] = {}
-    varies = False
-    for index, entry in enumerate(entries):
-        setting = _weight(config, entry)
-        if setting is not None and _scalar(setting) is None:
-            varies = True
-        else:
-            weights[index] = _scalar(setting)
-    if varies:  # a varying weight may be the positive one
-        weights[-1] = 1.0
-    anchor = next((i for i, entry in enumerate(entries) if entry.model == config.base_model), None)
+    for location, parameters, allowed in [("parameters", config.parameters, GLOBAL_PARAMETERS)] + [
+        (f"models[{i}].parameters", m.parameters, MODEL_PARAMETERS) for i, m in enumerate(config.models or [])
+    ]:
+        for name in parameters or {}:
+            if name not in allowed:
+                raise MergeConfigError(path, f"{location}.{name}", f"recycle_linear takes no parameter {name!r} here (it takes: {', '.join(allowed)})")
+
+    def refuse(location: str, check: Callable[[], Any], model: Any = None) -> Any:
+        try:
+            return check()
+        except RecycleLinearError as exc:
+            prefix = f"model {model}: " if model is not None else ""
+            raise MergeConfigError(path, location, prefix + exc.reason) from None
+
     scale = _scalar((config.parameters or {}).get("scale", 1.0))
-    try:
-        check_weights(weights, 1.0 if scale is None else scale, config.base_model is not None, anchor)
-    except RecycleLinearError as exc:
-        if exc.model is None:
-            where = "parameters.scale" if exc.parameter == "scale" else "models"
-            raise MergeConfigError(path, where, exc.reason) from None
-        index = int(exc.model)
-        raise MergeConfigError(
-            path, f"models[{index}].parameters.weight", f"model {entries[index].model}: {exc.reason}"
-        ) from None
+    if scale is not None:
+        refuse("parameters.scale", lambda: check_scale(scale, has_anchor=config.base_model is not None))
+
+    weights: List[float] = []
+    varies = False
+    for index, entry in enumerate(config.models or []):
+        location, setting = f"models[{index}].parameters.weight", _weight(config, entry)
+        if setting is None and entry.model != config.base_model:
+            raise MergeConfigError(path, location, f"model {entry.model}: no weight given")
+        value = _scalar(setting)
+        varies = varies or (setting is not None and value is None)
+        if value is not None:
+            weights.append(refuse(location, lambda: check_weight(value, str(entry.model)), entry.model))
+    if not varies:
+        refuse("models", lambda: check_total(weights))
 
 
 def drop_zero_weight_models(config: MergeConfiguration) -> MergeConfiguration:
@@ -88,26 +99,52 @@ def drop_zero_weight_models(config: MergeConfiguration) -> MergeConfiguration:
     return config.model_copy(update={"models": kept})
 
 
-def absolute_local_paths(config: MergeConfiguration) -> MergeConfiguration:
-    """Rewrite model paths that exist on disk as absolute paths; leave Hub ids alone."""
+def _looks_local(path: str) -> bool:
+    """mergekit's rule: these can only be local paths, never Hub repo ids."""
+    return path.startswith(("/", "~", ".")) or path.count("/") > 1
 
-    def fix(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: fix(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [fix(v) for v in value]
-        if isinstance(value, str) and value and os.path.isdir(value.split("@")[0].split("+")[0]):
-            head, sep, rest = value.partition("+")
-            return os.path.abspath(head) + sep + (os.path.abspath(rest) if rest and os.path.isdir(rest) else rest)
-        return value
 
-    data = config.model_dump(exclude_none=True, mode="json")
-    for key in ("models", "slices", "modules", "base_model", "tokenizer_source"):
-        if key in data:
-            data[key] = fix(data[key])
-    if isinstance(data.get("tokenizer"), dict) and "source" in data["tokenizer"]:
-        data["tokenizer"]["source"] = fix(data["tokenizer"]["source"])
-    return MergeConfiguration.model_validate(data)
+def _resolve_path(model_path: ModelPath, location: str, config_file: Path) -> ModelPath:
+    local = os.path.expanduser(model_path.path)
+    if os.path.isdir(local):
+        return model_path.model_copy(update={"path": os.path.abspath(local)})
+    if os.path.exists(local):
+        raise MergeConfigError(config_file, location, f"not a model directory: {os.path.abspath(local)}")
+    if _looks_local(model_path.path):
+        raise MergeConfigError(config_file, location, f"no such model directory: {os.path.abspath(local)}")
+    return model_path  # a Hub repo id, left to mergekit
+
+
+def _map_references(value: Any, location: str, change: Callable[[ModelReference, str], ModelReference]) -> Any:
+    """Apply `change` to every ModelReference inside a configuration, and to nothing else."""
+    if isinstance(value, ModelReference):
+        return change(value, location)
+    if isinstance(value, BaseModel):
+        return value.model_copy(
+            update={
+                name: _map_references(getattr(value, name), f"{location}.{name}" if location else name, change)
+                for name in type(value).model_fields
+            }
+        )
+    if isinstance(value, list):
+        return [_map_references(v, f"{location}[{i}]", change) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _map_references(v, f"{location}.{k}", change) for k, v in value.items()}
+    return value
+
+
+def resolve_local_paths(config: MergeConfiguration, config_file: Path) -> MergeConfiguration:
+    """Make local model (and LoRA) paths absolute; refuse ones that do not exist."""
+
+    def resolve(reference: ModelReference, location: str) -> ModelReference:
+        return reference.model_copy(
+            update={
+                "model": _resolve_path(reference.model, location, config_file),
+                "lora": reference.lora and _resolve_path(reference.lora, location, config_file),
+            }
+        )
+
+    return _map_references(config, "", resolve)
 
 
 def prepare_merge_config(config: MergeConfiguration, path: Path) -> MergeConfiguration:
@@ -115,7 +152,7 @@ def prepare_merge_config(config: MergeConfiguration, path: Path) -> MergeConfigu
     if config.merge_method == RECYCLE_LINEAR:
         check_recycle_linear(config, path)
         config = drop_zero_weight_models(config)
-    return absolute_local_paths(config)
+    return resolve_local_paths(config, path)
 
 
 def merge_yaml(config_path: Path, out_path: Path, options: MergeOptions) -> None:

@@ -12,12 +12,13 @@ from typing import Annotated, Any, Dict, Literal, Optional, Tuple, Union
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
-    NonNegativeFloat,
-    PositiveFloat,
-    PositiveInt,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
     StringConstraints,
     Tag,
     ValidationInfo,
@@ -27,6 +28,7 @@ from pydantic import (
 
 from mergekit_recycle.config_files import read_yaml, validate_model
 from mergekit_recycle.errors import RecipeError, RecipeFileNotFoundError
+from mergekit_recycle.simplex import normalise
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -47,6 +49,12 @@ def _name(value: str) -> str:
 RepoId = Annotated[str, AfterValidator(_repo_id)]
 Name = Annotated[str, AfterValidator(_name)]
 NonEmpty = Annotated[str, StringConstraints(min_length=1, strip_whitespace=True)]
+# Strict: a recipe that says `budget: true` or `sigma0: "0.3"` is wrong, not coerced.
+PositiveInt = Annotated[StrictInt, Field(gt=0)]
+NonNegativeFloat = Annotated[StrictFloat, Field(ge=0)]
+PositiveFloat = Annotated[StrictFloat, Field(gt=0)]
+# lm-eval metric names, optionally with a filter: `acc`, `exact_match,strict-match`.
+MetricName = Annotated[str, StringConstraints(pattern=r"^[^,\s]+(,[^,\s]+)?$")]
 
 
 class Frozen(BaseModel):
@@ -71,8 +79,10 @@ class LocalCheckpoint(Frozen):
     @classmethod
     def _exists(cls, path: Path, info: ValidationInfo) -> Path:
         resolved = _resolve(path, info)
-        if not resolved.is_dir():
+        if not resolved.exists():
             raise ValueError(f"no such checkpoint directory: {resolved}")
+        if not resolved.is_dir():
+            raise ValueError(f"not a directory: {resolved}")
         if not (resolved / "config.json").is_file():
             raise ValueError(f"not a checkpoint directory (no config.json): {resolved}")
         return resolved
@@ -95,6 +105,19 @@ class HubCheckpoints(Frozen):
     repo: RepoId
     revisions: Tuple[NonEmpty, ...] = Field(default=("main",), min_length=1)
     subfolders: Optional[Tuple[NonEmpty, ...]] = Field(default=None, min_length=1)
+
+    @field_validator("revisions", "subfolders")
+    @classmethod
+    def _unique(cls, values: Optional[Tuple[str, ...]]) -> Optional[Tuple[str, ...]]:
+        for value in values or ():
+            if values.count(value) > 1:
+                raise ValueError(f"{value!r} is listed twice")
+        return values
+
+    @property
+    def key(self) -> Tuple[str, frozenset, frozenset]:
+        """What makes two entries the same checkpoints (repo ids are case-insensitive on the Hub)."""
+        return (self.repo.lower(), frozenset(self.revisions), frozenset(self.subfolders or ()))
 
     @property
     def label(self) -> str:
@@ -131,7 +154,7 @@ class TaskSpec(Frozen):
     name: Name
     search: NonEmpty
     holdout: NonEmpty
-    metric: NonEmpty
+    metric: MetricName
     weight: NonNegativeFloat = 1.0
     limit: Optional[PositiveInt] = None
 
@@ -150,14 +173,22 @@ class TaskSpec(Frozen):
 ScaleRange = Tuple[PositiveFloat, PositiveFloat]
 
 
+def _scale_shape(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"scale is a number or a [lo, hi] pair, got a list of {len(value)}")
+        return tuple(value)
+    return value
+
+
 class SearchSettings(Frozen):
     """CMA-ES settings. `scale` is a number, or a [lo, hi] range to search (needs a base)."""
 
     budget: PositiveInt = 100
-    population: Optional[Annotated[int, Field(ge=2)]] = None
+    population: Optional[Annotated[StrictInt, Field(ge=2)]] = None
     sigma0: PositiveFloat = 0.25
-    seed: Annotated[int, Field(ge=0)] = 0
-    scale: Union[PositiveFloat, ScaleRange] = 1.0
+    seed: Annotated[StrictInt, Field(ge=0, lt=2**32)] = 0
+    scale: Annotated[Union[PositiveFloat, ScaleRange], BeforeValidator(_scale_shape)] = Field(default=1.0, union_mode="left_to_right")
 
     @field_validator("scale")
     @classmethod
@@ -179,7 +210,7 @@ class MergeSettings(Frozen):
 class OutputSettings(Frozen):
     run_dir: Optional[Path] = None
     hub_repo: Optional[RepoId] = None
-    private: bool = True
+    private: StrictBool = True
 
 
 class Recipe(Frozen):
@@ -200,8 +231,8 @@ class Recipe(Frozen):
         resolved = []
         for path in paths:
             full = _resolve(path, info)
-            if not full.exists():
-                raise ValueError(f"no such task path: {full}")
+            if not full.is_dir():
+                raise ValueError(f"no such task folder: {full}" if not full.exists() else f"not a folder: {full}")
             resolved.append(full)
         return tuple(resolved)
 
@@ -215,7 +246,7 @@ class Recipe(Frozen):
     def _consistent(self) -> "Recipe":
         seen: Dict[Any, int] = {}
         for index, entry in enumerate(self.pool):
-            key = entry if isinstance(entry, LocalCheckpoint) else (entry.repo, frozenset(entry.revisions), frozenset(entry.subfolders or ()))
+            key = entry if isinstance(entry, LocalCheckpoint) else entry.key
             if key in seen:
                 raise ValueError(f"pool[{index}] duplicates pool[{seen[key]}] ({entry.label})")
             seen[key] = index
@@ -223,7 +254,14 @@ class Recipe(Frozen):
         for index, name in enumerate(names):
             if names.index(name) != index:
                 raise ValueError(f"tasks[{index}].name: {name!r} is used by tasks[{names.index(name)}] too")
-        if sum(task.weight for task in self.tasks) <= 0:
+        searched = [task.search for task in self.tasks]
+        for index, task in enumerate(self.tasks):
+            if task.holdout in searched:
+                raise ValueError(
+                    f"tasks[{index}].holdout: {task.holdout!r} is searched by tasks[{searched.index(task.holdout)}]; "
+                    "a holdout task must never be seen by the search"
+                )
+        if not any(task.weight > 0 for task in self.tasks):
             raise ValueError("tasks: every task weight is 0; give at least one task a positive weight")
         scale = self.search.scale
         if self.base is None and (self.search.scale_is_searched or scale != 1.0):
@@ -234,16 +272,14 @@ class Recipe(Frozen):
 def parse_recipe(data: Any, recipe_dir: Path, source: Path = Path("<recipe>")) -> Recipe:
     """Validate recipe data whose relative paths are relative to `recipe_dir`."""
     return validate_model(
-        Recipe, data, source, RecipeError, context={"recipe_dir": recipe_dir}, skip_locations=("local", "hub")
+        Recipe, data, source, RecipeError, context={"recipe_dir": recipe_dir}
     )
 
 
 def load_recipe(path: Union[str, Path]) -> Recipe:
     """Read and validate a recipe file; raise RecipeError naming the field at fault."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeFileNotFoundError(path)
-    return parse_recipe(read_yaml(path, RecipeError), path.parent, source=path)
+    return parse_recipe(read_yaml(path, RecipeError, RecipeFileNotFoundError), path.parent, source=path)
 
 
 def describe_recipe(recipe: Recipe, source: Optional[Path] = None) -> str:
@@ -256,13 +292,13 @@ def describe_recipe(recipe: Recipe, source: Optional[Path] = None) -> str:
     else:
         lines.append(f"base     {recipe.base.describe()}")
         lines.append("         the merge is θ_base + scale · Σ wᵢ (θᵢ − θ_base), Σw = 1")
-    total = sum(task.weight for task in recipe.tasks)
+    shares = normalise([task.weight for task in recipe.tasks])
     lines.append(f"tasks    {len(recipe.tasks)}; objective = weighted mean of the search metrics")
-    for task in recipe.tasks:
+    for task, share in zip(recipe.tasks, shares):
         limit = "all examples" if task.limit is None else f"a seeded subset of {task.limit}"
         lines.append(
             f"  {task.name}: search={task.search} holdout={task.holdout} metric={task.metric_key} "
-            f"weight={task.weight:g} ({task.weight / total:.0%} of the objective), {limit}"
+            f"weight={task.weight:g} ({share:.0%} of the objective), {limit}"
         )
     lines.append("task_paths " + (", ".join(str(p) for p in recipe.task_paths) or "none (lm-eval's own tasks)"))
     search = recipe.search

@@ -11,7 +11,7 @@ mergekit plans the merge, so their tensors are never read.
 """
 
 import math
-from typing import Dict, Hashable, Mapping, Optional
+from typing import Optional, Sequence
 
 import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, PerInput, TensorGroup
@@ -19,6 +19,7 @@ from mergekit.merge_methods.easy_define import merge_method
 
 from mergekit_recycle.constants import RECYCLE_LINEAR
 from mergekit_recycle.errors import RecycleLinearError
+from mergekit_recycle.simplex import normalise
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,35 +27,27 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_weights(
-    weights: Mapping[Hashable, Optional[float]],
-    scale: float,
-    has_anchor: bool,
-    anchor: Optional[Hashable] = None,
-    tensor: Optional[str] = None,
-) -> Dict[Hashable, float]:
-    """Validate per-input weights and the scale; return the weights with None resolved.
+def check_weight(weight: float, model: str, tensor: Optional[str] = None) -> float:
+    """One input's weight: a finite number >= 0."""
+    weight = float(weight)
+    if not (math.isfinite(weight) and weight >= 0.0):
+        raise RecycleLinearError(f"weight must be a finite number >= 0, got {weight}", "weight", model=model, tensor=tensor)
+    return weight
 
-    Only the anchor may go without a weight (it then counts 0). Raises
-    RecycleLinearError naming the input at fault.
-    """
-    resolved = {}
-    for model, weight in weights.items():
-        if weight is None:
-            if model != anchor:
-                raise RecycleLinearError("no weight given", "weight", model=str(model), tensor=tensor)
-            weight = 0.0
-        weight = float(weight)
-        if not (math.isfinite(weight) and weight >= 0.0):
-            raise RecycleLinearError(f"weight must be a finite number >= 0, got {weight}", "weight", model=str(model), tensor=tensor)
-        resolved[model] = weight
-    if resolved and sum(resolved.values()) <= 0.0:
+
+def check_total(weights: Sequence[float], tensor: Optional[str] = None) -> None:
+    if weights and not any(w > 0.0 for w in weights):
         raise RecycleLinearError("all weights are zero; give at least one model a positive weight", "weight", tensor=tensor)
+
+
+def check_scale(scale: float, has_anchor: bool, tensor: Optional[str] = None) -> float:
+    """The extrapolation scale: finite, and other than 1 only with an anchor."""
+    scale = float(scale)
     if not math.isfinite(scale):
         raise RecycleLinearError(f"scale must be a finite number, got {scale}", "scale", tensor=tensor)
     if not has_anchor and scale != 1.0:
         raise RecycleLinearError(f"scale={scale} needs a base_model (the anchor to extrapolate from)", "scale", tensor=tensor)
-    return resolved
+    return scale
 
 
 @merge_method(
@@ -69,20 +62,23 @@ def recycle_linear(
     scale: float = 1.0,
 ) -> torch.Tensor:
     base = group.base
-    weights = check_weights(
-        {entry.id: weight[entry.id] for entry in group.entries},
-        scale,
-        has_anchor=base is not None,
-        anchor=base.id if base is not None else None,
-        tensor=group.metadata.name,
-    )
+    tensor = group.metadata.name
+    scale = check_scale(scale, has_anchor=base is not None, tensor=tensor)
+    weights = []
+    for entry in group.entries:
+        value = weight[entry.id]
+        if value is None and not entry.is_base:
+            raise RecycleLinearError("no weight given", "weight", model=str(entry.id), tensor=tensor)
+        # The anchor without a weight of its own only anchors the extrapolation.
+        weights.append(0.0 if value is None else check_weight(value, str(entry.id), tensor))
+    check_total(weights, tensor)
+
     first = group.entries[0].tensor
     dtype = accumulation_dtype(first.dtype)
     result = torch.zeros_like(first, dtype=dtype)
-    for entry in group.entries:
-        if weights[entry.id] != 0.0:
-            result.add_(entry.tensor.to(dtype), alpha=weights[entry.id])
-    result.div_(sum(weights.values()))
+    for entry, coefficient in zip(group.entries, normalise(weights)):
+        if coefficient != 0.0:
+            result.add_(entry.tensor.to(dtype), alpha=coefficient)
     if base is not None and scale != 1.0:
         # θ_a + s·(avg − θ_a) = s·avg + (1 − s)·θ_a
         result.mul_(scale).add_(base.tensor.to(dtype), alpha=1.0 - scale)

@@ -127,4 +127,53 @@ def test_debug_variable_shows_the_traceback(pool, tmp_path):
 def test_missing_config_file(tmp_path):
     result = run_cli("merge", str(tmp_path / "nope.yml"), str(tmp_path / "out"))
     assert result.returncode == 2
-    assert lines(result.stderr) == [f"{tmp_path / 'nope.yml'}: file not found"]
+    assert lines(result.stderr) == [f"{tmp_path / 'nope.yml'}: merge configuration file not found"]
+
+
+def test_unusual_model_paths_and_lookalike_strings_are_left_alone(pool, tmp_path):
+    """A path with a space merges; a filter or tokenizer keyword that names a folder stays a keyword."""
+    spaced = tmp_path / "with space"
+    spaced.mkdir()
+    for name in ("ckpt-a", "ckpt-b"):
+        (spaced / name).symlink_to(pool[name])
+    (tmp_path / "mlp").mkdir()  # a folder named like the filter below
+    (tmp_path / "base").mkdir()  # and one named like the tokenizer keyword
+    config = {
+        "merge_method": "recycle_linear",
+        "models": [
+            {"model": str(spaced / "ckpt-a"), "parameters": {"weight": [{"filter": "mlp", "value": 0.0}, {"value": 1.0}]}},
+            {"model": str(spaced / "ckpt-b"), "parameters": {"weight": 1.0}},
+        ],
+        "tokenizer_source": "base",
+        "base_model": str(spaced / "ckpt-b"),
+        "dtype": "float32",
+    }
+    path = write_config(tmp_path / "m.yml", config)
+    result = run_cli("merge", str(path), str(tmp_path / "out"), "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    merged, b = all_tensors(tmp_path / "out"), all_tensors(pool["ckpt-b"])
+    a = all_tensors(pool["ckpt-a"])
+    mlp = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(merged[mlp], b[mlp])  # the filter gave ckpt-a weight 0 there
+    attention = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(merged[attention], (a[attention] + b[attention]) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "change, location, words",
+    [
+        (lambda c, p: c["models"][1].update(model="./pool/ckpt-zzz"), "models[1].model", ["no such model directory"]),
+        (lambda c, p: c.update(parameters={"scael": 2}), "parameters.scael", ["takes no parameter 'scael'"]),
+        (lambda c, p: c["models"][0]["parameters"].update(scale=2), "models[0].parameters.scale", ["takes no parameter 'scale'"]),
+        (lambda c, p: c["models"][0].update(parameters={}), "models[0].parameters.weight", ["no weight given"]),
+    ],
+)
+def test_more_bad_merge_configs(pool, tmp_path, change, location, words):
+    config = recycle_config(pool, {"ckpt-a": 1.0, "ckpt-b": 1.0})
+    change(config, pool)
+    path = write_config(tmp_path / "bad.yml", config)
+    result = run_cli("merge", str(path), str(tmp_path / "out"), "--quiet", cwd=pool["root"].parent)
+    assert result.returncode == 2
+    assert len(lines(result.stderr)) == 1, result.stderr
+    assert lines(result.stderr)[0].startswith(f"{path}: {location}: ")
+    assert all(word in result.stderr for word in words)

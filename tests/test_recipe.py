@@ -99,7 +99,22 @@ BAD_RECIPES = {
     "missing local path": (lambda r: r["pool"].append({"path": "ckpt-z"}), "pool[3].path: no such checkpoint directory"),
     "not a checkpoint": (lambda r: r["pool"].append({"path": "tasks"}), "pool[3].path: not a checkpoint directory"),
     "missing base path": (lambda r: r.update(base={"path": "nowhere"}), "base.path: no such checkpoint directory"),
-    "missing task path": (lambda r: r["task_paths"].append("more-tasks/"), "task_paths: no such task path"),
+    "missing task path": (lambda r: r["task_paths"].append("more-tasks/"), "task_paths: no such task folder"),
+    "task path is a file": (lambda r: r["task_paths"].append("tasks/toy_add_dev.yaml"), "task_paths: not a folder"),
+    "pool path is a file": (lambda r: r["pool"].append({"path": "tasks/toy_add_dev.yaml"}), "pool[3].path: not a directory"),
+    "holdout searched by another task": (
+        lambda r: r["tasks"][1].update(search="toy_add_test"),
+        "tasks[0].holdout: 'toy_add_test' is searched by tasks[1]",
+    ),
+    "boolean as integer": (lambda r: r["search"].update(budget=True), "search.budget: input should be a valid integer"),
+    "string as number": (lambda r: r["search"].update(sigma0="0.3"), "search.sigma0: input should be a valid number"),
+    "string as boolean": (lambda r: r["output"].update(private="no"), "output.private: input should be a valid boolean"),
+    "scale of the wrong shape": (lambda r: r["search"].update(scale=[1.0]), "search.scale: scale is a number or a [lo, hi] pair"),
+    "scale not positive": (lambda r: r["search"].update(scale=0), "search.scale: input should be greater than 0"),
+    "hub repo twice, other case": (lambda r: r["pool"].append({"repo": "Org/Model", "revisions": ["stage2-*", "main"], "subfolders": ["checkpoint-*"]}), "pool[3] duplicates pool[2]"),
+    "revision listed twice": (lambda r: r["pool"][2].update(revisions=["main", "main"]), "pool[2].revisions: 'main' is listed twice"),
+    "seed too large": (lambda r: r["search"].update(seed=2**40), "search.seed: input should be less than 4294967296"),
+    "metric that is only a comma": (lambda r: r["tasks"][0].update(metric=" , "), "tasks[0].metric: string should match pattern"),
     "search equals holdout": (
         lambda r: r["tasks"][0].update(holdout="toy_add_dev"),
         "tasks[0]: search and holdout are both 'toy_add_dev'",
@@ -138,6 +153,8 @@ def test_bad_recipe_exits_2_with_one_line_naming_the_field(pool, case):
         ("name: [unclosed\n", "line 2: invalid YAML"),
         ("- just\n- a list\n", "expected a mapping of keys to values, got a list"),
         ("", "expected a mapping of keys to values, got empty"),
+        ("name: a\nname: b\n", "line 2: invalid YAML: key 'name' is given twice"),
+        ("[" * 5000, "invalid YAML"),
     ],
 )
 def test_unreadable_recipe_files(pool, text, expected):

@@ -176,3 +176,10 @@ def test_cuda_merge_matches_cpu(pool, tmp_path):
     run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "gpu"),
               options=MergeOptions(quiet=True, write_model_card=False, cuda=True))
     assert_close(tensors(tmp_path / "gpu"), cpu, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [1e-320, 1e38, 1e300])
+def test_extreme_weights_normalise_before_summing(size):
+    a, b = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([5.0, 6.0, 7.0])
+    merged = merge_state_dicts({"a": {"w": a}, "b": {"w": b}}, "recycle_linear", parameters={"weight": {"a": size, "b": size}})
+    assert torch.allclose(merged["w"], torch.tensor([3.0, 2.0, 5.0]))
