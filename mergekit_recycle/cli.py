@@ -16,11 +16,9 @@ from mergekit_recycle.errors import RecycleError
 
 
 def render_error(exc: BaseException) -> str:
-    """One line that says what went wrong and, where we know it, how to fix it."""
+    """One line: our own messages say what went wrong and how to fix it."""
     if isinstance(exc, RecycleError):
         text = str(exc)
-        if exc.hint:
-            text += f" ({exc.hint})"
     else:
         text = f"unexpected {type(exc).__name__}: {exc}; rerun with MERGEKIT_RECYCLE_DEBUG=1 for the traceback"
     return " ".join(text.split())

@@ -12,8 +12,6 @@ from typing import ClassVar, Optional, Union
 class RecycleError(Exception):
     """Root of the hierarchy: anything raised here on purpose derives from it."""
 
-    # How to fix it; the CLI prints it after the message.
-    hint: ClassVar[str] = ""
     # Exit status of the CLI: 2 for input the user can fix, 1 for everything else.
     exit_code: ClassVar[int] = 1
 
