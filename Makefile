@@ -35,7 +35,7 @@ test: $(INSTALLED)
 
 # The demo pool is built once, where recipes/pool.yaml expects it; delete .toy-pool/ to rebuild.
 .toy-pool/recipe.yaml: | $(INSTALLED)
-	$(BIN)/python -m mergekit_recycle.demo_pool .toy-pool
+	$(BIN)/mergekit-recycle demo-pool .toy-pool
 
 demo: $(INSTALLED) .toy-pool/recipe.yaml
 	$(BIN)/mergekit-recycle validate recipes/pool.yaml

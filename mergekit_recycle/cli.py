@@ -91,5 +91,23 @@ def validate_command(recipe_file: Path, check_tasks: bool, as_json: bool) -> Non
         click.echo(describe_recipe(recipe, recipe_file))
 
 
+@cli.command("demo-pool")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True, help="Seed of the whole pool.")
+@click.option("--size", type=click.Choice(["default", "small"]), default="default", show_default=True,
+              help="'small' trains less and asks fewer questions (for tests).")
+@click.option("--quiet", is_flag=True, help="Print only the summary table.")
+def demo_pool_command(directory: Path, seed: int, size: str, quiet: bool) -> None:
+    """Build the demo pool in DIRECTORY: tiny Llama checkpoints that trade three skills off,
+    their lm-eval tasks and recipe.yaml. Offline and deterministic; a no-op when DIRECTORY
+    already holds the same pool."""
+    from mergekit_recycle.demo_pool import build_pool, summary_table
+
+    report = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    summary = build_pool(directory, seed=seed, size=size, report=report)
+    click.echo(summary_table(summary))
+    click.echo(f"recipe: {directory / 'recipe.yaml'} (built in {summary.build_seconds:.0f} s)")
+
+
 def main() -> None:
     cli(prog_name="mergekit-recycle")

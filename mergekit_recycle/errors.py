@@ -77,3 +77,21 @@ class RecycleLinearError(RecycleError, ValueError):
         if tensor is not None:
             text += f" (while merging {tensor})"
         super().__init__(text)
+
+
+class DemoPoolError(RecycleError, OSError):
+    """The demo pool cannot be built at ``path``; nothing that was there is touched."""
+
+    exit_code = 2
+
+    def __init__(self, path: Union[str, Path], message: str):
+        self.path = Path(path)
+        self.message = message
+        super().__init__(f"{self.path}: {message}")
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class DemoPoolExistsError(DemoPoolError, FileExistsError):
+    """``path`` already holds something other than the demo pool asked for."""

@@ -6,7 +6,7 @@ task_paths do not define.
 """
 
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from mergekit_recycle.errors import RecipeError
 from mergekit_recycle.recipe import Recipe
@@ -51,3 +51,76 @@ def check_tasks_exist(recipe: Recipe, source: Optional[Path] = None) -> None:
             location,
             f"unknown lm-eval task {name!r}: defined neither in task_paths ({where}) nor by lm-eval",
         )
+
+
+def quiet_lm_eval() -> None:
+    """Silence lm-eval's logging, progress bars and `git describe` call: our callers report
+    progress themselves, and a scoring loop would otherwise print thousands of lines."""
+    import logging
+
+    import datasets
+    import lm_eval.api.model
+    import lm_eval.api.task
+    import lm_eval.evaluator
+    import lm_eval.models.huggingface
+    import tqdm
+
+    class _SilentTqdm(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    for module in (lm_eval.models.huggingface, lm_eval.api.model, lm_eval.api.task):
+        module.tqdm = _SilentTqdm
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
+
+
+class TaskScores(dict):
+    """task name -> {metric: value}, plus each task's per-document metrics in `.samples`."""
+
+    samples: Dict[str, Dict[str, List[float]]]
+
+
+class Scorer:
+    """Scores whatever weights sit in one resident model on a fixed set of lm-eval tasks.
+
+    The tasks are built once and the model is wrapped in one HFLM, so that scoring many
+    candidates costs only their forward passes: copy new weights into `model` in place
+    and call `score()` again.
+    """
+
+    def __init__(self, model, tokenizer, tasks: Sequence[str], task_paths: Sequence[Path] = (),
+                 include_defaults: bool = False, batch_size: int = 256, device: str = "cpu"):
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager, get_task_dict
+
+        quiet_lm_eval()
+        manager = TaskManager(include_path=[str(path) for path in task_paths] or None,
+                              include_defaults=include_defaults)
+        self.tasks = list(tasks)
+        self.task_dict = get_task_dict(self.tasks, manager)
+        self.model = model
+        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+
+    def score(self, log_samples: bool = False) -> TaskScores:
+        """Every task's metrics (lm-eval's `acc,none` becomes `acc`) for the current weights."""
+        import lm_eval.evaluator
+
+        results = lm_eval.evaluator.evaluate(
+            self.lm, self.task_dict, bootstrap_iters=0, log_samples=log_samples, verbosity="ERROR"
+        )
+        scores = TaskScores()
+        for task in self.tasks:
+            scores[task] = {
+                key.split(",")[0]: value
+                for key, value in results["results"][task].items()
+                if key.endswith(",none") and "_stderr" not in key
+            }
+        scores.samples = {
+            task: {metric: [sample[metric] for sample in samples] for metric in scores[task]}
+            for task, samples in (results.get("samples") or {}).items()
+        }
+        return scores

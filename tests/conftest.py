@@ -41,6 +41,15 @@ def pool_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def small_pool(tmp_path_factory):
+    """The demo pool at its `small` size, built once through the CLI: (folder, the CLI's result)."""
+    directory = tmp_path_factory.mktemp("demo") / "small-pool"
+    result = run_cli("demo-pool", str(directory), "--size", "small", "--seed", "0")
+    assert result.returncode == 0, result.stderr
+    return directory, result
+
+
 @pytest.fixture
 def pool(pool_dir, tmp_path) -> Dict[str, Path]:
     """A private copy of the pool that a test may damage (delete files, edit configs)."""

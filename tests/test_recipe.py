@@ -196,7 +196,14 @@ def test_missing_recipe_file(tmp_path):
 
 def test_demo_pool_recipe_and_repo_recipe_agree(tmp_path):
     """recipes/pool.yaml describes the same job as the recipe the demo pool writes."""
-    built = load_recipe(demo_pool.build_pool(tmp_path / ".toy-pool", dev_size=5, test_size=5))
+    toy_pool = tmp_path / ".toy-pool"
+    for run in demo_pool.PLANS["default"].post_training:
+        (toy_pool / run.name).mkdir(parents=True)
+        (toy_pool / run.name / "config.json").write_text("{}")
+    (toy_pool / "tasks").mkdir()
+    (toy_pool / "recipe.yaml").write_text(demo_pool.plan_recipe(demo_pool.PLANS["default"]))
+    demo_pool.write_tasks(toy_pool / "tasks", seed=0, dev_size=5, test_size=5)
+    built = load_recipe(toy_pool / "recipe.yaml")
     text = (REPO_ROOT / "recipes" / "pool.yaml").read_text()
     (tmp_path / "recipes").mkdir()
     shipped = load_recipe(write(tmp_path / "recipes", text, "pool.yaml"))

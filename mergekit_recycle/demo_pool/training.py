@@ -1,0 +1,104 @@
+"""Training a demo checkpoint: next-token loss on the answers of a skill mixture.
+
+Deterministic by construction: the data stream, the initial weights and every random
+draw of the optimizer come from the run's seed, and the run uses one CPU thread, so a
+seed gives the same bytes on any machine with the same torch build.
+"""
+
+import math
+import random
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mergekit_recycle.demo_pool.skills import SKILLS
+
+# Called with (steps done, steps in total, current loss).
+ProgressCallback = Callable[[int, int, float], None]
+
+
+class TrainingRun(BaseModel):
+    """One training run: where it starts, what it sees, and how fast it moves."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    mix: Dict[str, float] = Field(description="relative share of each skill in the data")
+    steps: int
+    learning_rate: float
+    batch_size: int
+    schedule: str = Field(description="'cosine' decays to zero; 'constant' keeps the rate")
+    warmup: float = 0.1
+
+    def describe(self) -> str:
+        mix = ":".join(f"{self.mix.get(skill, 0):g}" for skill in SKILLS)
+        return f"mix {'/'.join(SKILLS)} {mix}, {self.steps} steps, lr {self.learning_rate:g} {self.schedule}"
+
+
+def training_batches(run: TrainingRun, tokenizer, rng: random.Random, exclude: frozenset) -> Iterable[Tuple[list, list]]:
+    """Endless (input ids, labels) batches; the loss sees answers only, never questions."""
+    vocab = tokenizer.get_vocab()
+    skills = [skill for skill in SKILLS if run.mix.get(skill, 0) > 0]
+    weights = [run.mix[skill] for skill in skills]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    while True:
+        ids, labels = [], []
+        for skill in rng.choices(skills, weights, k=run.batch_size):
+            question, answer, _ = SKILLS[skill](rng)
+            while question in exclude:
+                question, answer, _ = SKILLS[skill](rng)
+            q = [vocab[c] for c in question]
+            a = [vocab[c] for c in answer] + [eos]
+            ids.append([bos] + q + a)
+            labels.append([-100] * (1 + len(q)) + a)
+        yield ids, labels
+
+
+def _pad(rows: List[list], value: int, width: int) -> List[list]:
+    return [row + [value] * (width - len(row)) for row in rows]
+
+
+def train(model, tokenizer, run: TrainingRun, seed: int, exclude: frozenset = frozenset(),
+          progress: Optional[ProgressCallback] = None):
+    """Train `model` in place on `run`'s data, which never contains a question in `exclude`."""
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=run.learning_rate, betas=(0.9, 0.98), weight_decay=0.0)
+        warmup = max(1, int(run.warmup * run.steps))
+
+        def factor(step: int) -> float:
+            ramp = min(1.0, (step + 1) / warmup)
+            if run.schedule == "constant":
+                return ramp
+            return ramp * 0.5 * (1 + math.cos(math.pi * step / run.steps))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        model.train()
+        batches = training_batches(run, tokenizer, rng, exclude)
+        for step in range(run.steps):
+            ids, labels = next(batches)
+            width = max(map(len, ids))
+            input_ids = torch.tensor(_pad(ids, tokenizer.pad_token_id, width))
+            targets = torch.tensor(_pad(labels, -100, width))
+            # Padding sits at the right end, where causal attention keeps it from every real
+            # token, and its labels are -100: no attention mask is needed.
+            logits = model(input_ids=input_ids).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1)
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            if progress is not None:
+                progress(step + 1, run.steps, loss.item())
+        model.eval()
+        return model
+    finally:
+        torch.set_num_threads(previous_threads)

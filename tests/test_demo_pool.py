@@ -1,0 +1,185 @@
+"""The demo pool, built once at the `small` size through the CLI and checked as a user would."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import lines, run_cli
+from mergekit_recycle.demo_pool import MANIFEST, PLANS, SKILLS, char_tokenizer, read_summary
+from mergekit_recycle.demo_pool.training import TrainingRun, training_batches
+from mergekit_recycle.recipe import load_recipe
+
+SMALL = PLANS["small"]
+POST = [run.name for run in SMALL.post_training]
+
+
+def tree(root: Path) -> dict:
+    """Every file under `root` with its size and modification time."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def holdout_scores(summary, checkpoint):
+    return {task.skill: 100 * summary.scores[checkpoint][task.holdout] for task in summary.tasks}
+
+
+def test_cli_builds_a_pool_with_a_summary(small_pool):
+    directory, result = small_pool
+    assert result.returncode == 0, result.stderr
+    assert "[1/7] base" in result.stderr and "done in" in result.stderr  # progress while training
+    table = result.stdout
+    for checkpoint in ["base"] + POST:
+        row = next(line for line in table.splitlines() if line.startswith(checkpoint + " "))
+        assert row.count("/") == len(SKILLS) + 1  # dev / test per skill, and the macro-average
+    for name in ["base"] + POST:
+        files = {p.name for p in (directory / name).iterdir()}
+        assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= files
+    summary = read_summary(directory)
+    assert summary.size == "small" and summary.seed == 0 and list(summary.checkpoints) == ["base"] + POST
+
+
+def test_recipe_validates_and_checkpoints_load_unchanged(small_pool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, _ = small_pool
+    recipe = load_recipe(directory / "recipe.yaml")
+    assert [entry.path for entry in recipe.pool] == [directory.resolve() / name for name in POST]
+    assert recipe.task_paths == (directory.resolve() / "tasks",)
+    result = run_cli("validate", str(directory / "recipe.yaml"))
+    assert result.returncode == 0, result.stderr
+    tokenizer = AutoTokenizer.from_pretrained(directory / "post-1")
+    assert tokenizer("12+34=").input_ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(tokenizer("sort cab=").input_ids, skip_special_tokens=True) == "sort cab="
+    model = AutoModelForCausalLM.from_pretrained(directory / "post-1")
+    assert model.config.model_type == "llama" and model.config.hidden_size <= 128
+
+
+def test_checkpoints_trade_skills_off(small_pool):
+    summary = read_summary(small_pool[0])
+    scores = {checkpoint: holdout_scores(summary, checkpoint) for checkpoint in POST}
+    best = {skill: max(scores[c][skill] for c in POST) for skill in SKILLS}
+    leaders = {skill: {c for c in POST if scores[c][skill] == best[skill]} for skill in SKILLS}
+    assert not set.intersection(*leaders.values()), f"one checkpoint leads every skill: {leaders}"
+    for checkpoint in POST:
+        assert any(scores[checkpoint][s] < best[s] - 2 for s in SKILLS), f"{checkpoint} is near the best everywhere"
+
+
+def test_uniform_merge_beats_the_mean_checkpoint(small_pool, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergekit_recycle.evaluate import Scorer
+
+    directory, _ = small_pool
+    summary = read_summary(directory)
+    config = tmp_path / "uniform.yml"
+    config.write_text(
+        "merge_method: recycle_linear\ndtype: float32\nmodels:\n"
+        + "".join(f"  - model: {directory / name}\n    parameters: {{weight: 1.0}}\n" for name in POST)
+    )
+    result = run_cli("merge", str(config), str(tmp_path / "uniform"))
+    assert result.returncode == 0, result.stderr
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "uniform").eval()
+    scorer = Scorer(model, AutoTokenizer.from_pretrained(tmp_path / "uniform"),
+                    [task.holdout for task in summary.tasks], [directory / "tasks"])
+    uniform = sum(metrics["acc"] for metrics in scorer.score().values()) / len(summary.tasks)
+    mean_checkpoint = sum(summary.macro(c, "holdout") for c in POST) / len(POST)
+    assert uniform > mean_checkpoint, (uniform, mean_checkpoint)
+
+
+def test_tasks_are_disjoint_multiple_choice_and_unseen_in_training(small_pool):
+    directory, _ = small_pool
+    tasks = directory / "tasks"
+    questions = {}
+    for path in tasks.glob("*.jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert all(len(row["choices"]) == 4 and len(set(row["choices"])) == 4 for row in rows)
+        questions[path.stem] = {row["question"] for row in rows}
+    assert len(questions["toy_add_dev"]) == SMALL.dev_size and len(questions["toy_add_test"]) == SMALL.test_size
+    for skill in SKILLS:
+        assert not questions[f"toy_{skill}_dev"] & questions[f"toy_{skill}_test"]
+    evaluation = frozenset(set().union(*questions.values()))
+    run = TrainingRun(name="probe", mix={s: 1.0 for s in SKILLS}, steps=1, learning_rate=1e-3, batch_size=256, schedule="constant")
+    tokenizer = char_tokenizer()
+    stream = training_batches(run, tokenizer, random.Random(0), evaluation)
+    seen = set()
+    for _ in range(40):
+        ids, _labels = next(stream)
+        seen |= {tokenizer.decode(row[1:], skip_special_tokens=True).split("=")[0] + "=" for row in ids}
+    assert len(seen) > 5000 and not seen & evaluation
+
+
+def test_same_seed_is_a_no_op(small_pool):
+    directory, _ = small_pool
+    before = tree(directory)
+    result = run_cli("demo-pool", str(directory), "--size", "small", "--seed", "0")
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do" in result.stderr and "post-1" in result.stdout
+    assert tree(directory) == before
+
+
+def test_same_seed_same_bytes_other_seed_other_pool(small_pool, tmp_path):
+    """Two more builds, run side by side (each trains on one thread)."""
+    directory, _ = small_pool
+    script = Path(sys.executable).parent / "mergekit-recycle"
+    builds = {
+        seed: subprocess.Popen([str(script), "demo-pool", str(tmp_path / f"seed-{seed}"), "--size", "small",
+                                "--seed", str(seed), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for seed in (0, 1)
+    }
+    for build in builds.values():
+        _, stderr = build.communicate(timeout=300)
+        assert build.returncode == 0, stderr.decode()
+    for name in ["base"] + POST:
+        ours = (directory / name / "model.safetensors").read_bytes()
+        assert (tmp_path / "seed-0" / name / "model.safetensors").read_bytes() == ours
+        assert (tmp_path / "seed-1" / name / "model.safetensors").read_bytes() != ours
+    assert (tmp_path / "seed-0" / "tasks" / "toy_add_test.jsonl").read_bytes() == (directory / "tasks" / "toy_add_test.jsonl").read_bytes()
+    assert (tmp_path / "seed-1" / "tasks" / "toy_add_test.jsonl").read_bytes() != (directory / "tasks" / "toy_add_test.jsonl").read_bytes()
+
+
+def test_a_folder_holding_another_pool_is_refused_untouched(small_pool):
+    directory, _ = small_pool
+    before = tree(directory)
+    for args, found in [(["--seed", "1", "--size", "small"], "--seed 0 --size small"),
+                        (["--seed", "0"], "--seed 0 --size small")]:
+        result = run_cli("demo-pool", str(directory), *args)
+        assert result.returncode == 2
+        assert len(lines(result.stderr)) == 1, result.stderr
+        assert result.stderr.startswith(f"{directory}: already holds a demo pool built with {found}; "), result.stderr
+    assert tree(directory) == before
+
+
+def test_unusable_folders_give_one_line(tmp_path):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = [
+        (occupied, "is not empty and holds no demo pool"),
+        (a_file, "exists and is not a folder"),
+        (a_file / "pool", "cannot write here"),
+    ]
+    for target, message in cases:
+        result = run_cli("demo-pool", str(target), "--size", "small")
+        assert result.returncode == 2, result.stderr
+        assert len(lines(result.stderr)) == 1 and result.stderr.startswith(f"{target}: {message}"), result.stderr
+    assert (occupied / "notes.txt").read_text() == "mine" and sorted(os.listdir(occupied)) == ["notes.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "occupied"]  # no leftover build folders
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write anywhere")
+def test_read_only_parent_gives_one_line(tmp_path):
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        result = run_cli("demo-pool", str(parent / "pool"), "--size", "small")
+    finally:
+        parent.chmod(0o700)
+    assert result.returncode == 2
+    assert len(lines(result.stderr)) == 1 and lines(result.stderr)[0].startswith(f"{parent / 'pool'}: cannot write here")
