@@ -28,7 +28,7 @@ import torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--size", default="default")
+    parser.add_argument("--size", default="default", choices=["default", "small"])
     parser.add_argument("--budget", type=int, default=80, help="CMA-ES evaluations per search")
     parser.add_argument("--pools", type=Path, default=Path("runs/bench-pools"), help="where pools are built or reused")
     parser.add_argument("--json", type=Path, help="also write the results here")

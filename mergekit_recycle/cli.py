@@ -12,6 +12,7 @@ import click
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 from mergekit_recycle import __version__, constants
+from mergekit_recycle.demo_pool.build import SIZES
 from mergekit_recycle.errors import RecycleError
 
 
@@ -94,7 +95,7 @@ def validate_command(recipe_file: Path, check_tasks: bool, as_json: bool) -> Non
 @cli.command("demo-pool")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True, help="Seed of the whole pool.")
-@click.option("--size", type=click.Choice(["default", "small"]), default="default", show_default=True,
+@click.option("--size", type=click.Choice(SIZES), default="default", show_default=True,
               help="'small' trains less and asks fewer questions (for tests).")
 @click.option("--quiet", is_flag=True, help="Print only the summary table.")
 def demo_pool_command(directory: Path, seed: int, size: str, quiet: bool) -> None:
@@ -106,7 +107,7 @@ def demo_pool_command(directory: Path, seed: int, size: str, quiet: bool) -> Non
     report = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
     summary = build_pool(directory, seed=seed, size=size, report=report)
     click.echo(summary_table(summary))
-    click.echo(f"recipe: {directory / 'recipe.yaml'} (built in {summary.build_seconds:.0f} s)")
+    click.echo(f"recipe: {directory / 'recipe.yaml'} (the pool took {summary.build_seconds:.0f} s to build)")
 
 
 def main() -> None:

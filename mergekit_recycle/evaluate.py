@@ -54,14 +54,14 @@ def check_tasks_exist(recipe: Recipe, source: Optional[Path] = None) -> None:
 
 
 def quiet_lm_eval() -> None:
-    """Silence lm-eval's logging, progress bars and `git describe` call: our callers report
-    progress themselves, and a scoring loop would otherwise print thousands of lines."""
+    """Silence lm-eval's logging and progress bars (and those of `datasets`) for the rest of
+    the process: our callers report progress themselves, and a scoring loop would otherwise
+    print thousands of lines."""
     import logging
 
     import datasets
     import lm_eval.api.model
     import lm_eval.api.task
-    import lm_eval.evaluator
     import lm_eval.models.huggingface
     import tqdm
 
@@ -75,7 +75,6 @@ def quiet_lm_eval() -> None:
     datasets.logging.set_verbosity_error()
     for module in (lm_eval.models.huggingface, lm_eval.api.model, lm_eval.api.task):
         module.tqdm = _SilentTqdm
-    lm_eval.evaluator.get_git_commit_hash = lambda: None
 
 
 class TaskScores(dict):

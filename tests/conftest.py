@@ -37,7 +37,7 @@ def pool_dir(tmp_path_factory) -> Path:
     tokenizer = demo_pool.char_tokenizer()
     for seed, name in enumerate(CHECKPOINTS):
         demo_pool.save_checkpoint(demo_pool.tiny_llama(tokenizer, seed=seed), tokenizer, root / name)
-    demo_pool.write_tasks(root / "tasks", seed=0, dev_size=20, test_size=20)
+    demo_pool.write_tasks(root / "tasks", demo_pool.evaluation_examples(seed=0, dev_size=20, test_size=20))
     return root
 
 

@@ -159,8 +159,10 @@ def test_unusable_folders_give_one_line(tmp_path):
     (occupied / "notes.txt").write_text("mine")
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
+    (tmp_path / "link").symlink_to(occupied)
     cases = [
         (occupied, "is not empty and holds no demo pool"),
+        (tmp_path / "link", "give the pool a folder of its own"),
         (a_file, "exists and is not a folder"),
         (a_file / "pool", "cannot write here"),
     ]
@@ -169,17 +171,81 @@ def test_unusable_folders_give_one_line(tmp_path):
         assert result.returncode == 2, result.stderr
         assert len(lines(result.stderr)) == 1 and result.stderr.startswith(f"{target}: {message}"), result.stderr
     assert (occupied / "notes.txt").read_text() == "mine" and sorted(os.listdir(occupied)) == ["notes.txt"]
-    assert sorted(os.listdir(tmp_path)) == ["a-file", "occupied"]  # no leftover build folders
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "link", "occupied"]  # no leftover build folders
+    here = run_cli("demo-pool", ".", "--size", "small", cwd=occupied)
+    assert here.returncode == 2 and lines(here.stderr) == [".: give the pool a folder of its own (not '.', '..', a link or a mount point)"]
+
+
+# --- the build itself, through the API with a plan of a few steps ---------------------------
+
+TINY = SMALL.model_copy(update={
+    "size": "tiny",
+    "pretraining": SMALL.pretraining.model_copy(update={"steps": 4}),
+    "post_training": tuple(run.model_copy(update={"steps": 2}) for run in SMALL.post_training[:2]),
+    "dev_size": 8,
+    "test_size": 8,
+})
+
+
+def test_training_never_sees_a_question_the_tasks_ask(tmp_path, monkeypatch):
+    from mergekit_recycle.demo_pool import build, build_pool
+
+    excluded = []
+    real_train = build.train
+
+    def recording_train(*args, exclude, **kwargs):
+        excluded.append(exclude)
+        return real_train(*args, exclude=exclude, **kwargs)
+
+    monkeypatch.setattr(build, "train", recording_train)
+    build_pool(tmp_path / "pool", seed=3, size=TINY)
+    asked = {json.loads(line)["question"] for path in (tmp_path / "pool" / "tasks").glob("*.jsonl")
+             for line in path.read_text().splitlines()}
+    assert len(excluded) == 3 and all(exclude == asked for exclude in excluded)
+    assert len(asked) == 3 * (TINY.dev_size + TINY.test_size)
+
+
+def test_an_interrupted_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    from mergekit_recycle.demo_pool import build, build_pool
+
+    calls = []
+    real_train = build.train
+
+    def interrupted_train(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C during the first post-training run
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(build, "train", interrupted_train)
+    (tmp_path / "empty").mkdir()
+    for target in (tmp_path / "new", tmp_path / "empty"):
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            build_pool(target, seed=0, size=TINY)
+    assert sorted(os.listdir(tmp_path)) == ["empty"] and os.listdir(tmp_path / "empty") == []
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write anywhere")
-def test_read_only_parent_gives_one_line(tmp_path):
-    parent = tmp_path / "read-only"
-    parent.mkdir()
-    parent.chmod(0o500)
+@pytest.mark.parametrize("target", ["read-only/pool", "read-only"])
+def test_read_only_folders_give_one_line(tmp_path, target):
+    """A new pool under a read-only folder, or an existing empty folder that is read-only."""
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
     try:
-        result = run_cli("demo-pool", str(parent / "pool"), "--size", "small")
+        result = run_cli("demo-pool", str(tmp_path / target), "--size", "small")
     finally:
-        parent.chmod(0o700)
-    assert result.returncode == 2
-    assert len(lines(result.stderr)) == 1 and lines(result.stderr)[0].startswith(f"{parent / 'pool'}: cannot write here")
+        read_only.chmod(0o700)
+    assert result.returncode == 2 and len(lines(result.stderr)) == 1, result.stderr
+    assert result.stderr.startswith(f"{tmp_path / target}: cannot write here")
+    assert os.listdir(read_only) == []
+
+
+def test_an_incomplete_pool_is_not_taken_for_a_built_one(tmp_path):
+    from mergekit_recycle.demo_pool import build_pool
+
+    build_pool(tmp_path / "pool", seed=0, size=TINY)
+    (tmp_path / "pool" / "post-2" / "model.safetensors").unlink()
+    with pytest.raises(FileExistsError, match="incomplete demo pool .post-2/model.safetensors is missing"):
+        build_pool(tmp_path / "pool", seed=0, size=TINY)

@@ -202,7 +202,7 @@ def test_demo_pool_recipe_and_repo_recipe_agree(tmp_path):
         (toy_pool / run.name / "config.json").write_text("{}")
     (toy_pool / "tasks").mkdir()
     (toy_pool / "recipe.yaml").write_text(demo_pool.plan_recipe(demo_pool.PLANS["default"]))
-    demo_pool.write_tasks(toy_pool / "tasks", seed=0, dev_size=5, test_size=5)
+    demo_pool.write_tasks(toy_pool / "tasks", demo_pool.evaluation_examples(seed=0, dev_size=5, test_size=5))
     built = load_recipe(toy_pool / "recipe.yaml")
     text = (REPO_ROOT / "recipes" / "pool.yaml").read_text()
     (tmp_path / "recipes").mkdir()

@@ -19,10 +19,10 @@ from mergekit_recycle.demo_pool.build import (
 )
 from mergekit_recycle.demo_pool.model import char_tokenizer, save_checkpoint, tiny_llama
 from mergekit_recycle.demo_pool.skills import SKILLS, make_examples
-from mergekit_recycle.demo_pool.tasks import SkillTasks, write_tasks
+from mergekit_recycle.demo_pool.tasks import SkillTasks, evaluation_examples, write_tasks
 
 __all__ = [
     "BASE_NAME", "MANIFEST", "PLANS", "SIZES", "PoolPlan", "PoolSummary", "SKILLS", "SkillTasks",
-    "build_pool", "plan_recipe", "char_tokenizer", "make_examples", "read_summary", "recipe_text", "save_checkpoint",
+    "build_pool", "evaluation_examples", "plan_recipe", "char_tokenizer", "make_examples", "read_summary", "recipe_text", "save_checkpoint",
     "summary_table", "tiny_llama", "write_tasks",
 ]

@@ -12,6 +12,7 @@ existing folder is never modified.
 """
 
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict
 
@@ -151,25 +152,43 @@ def recipe_text(name: str, checkpoints: List[str], tasks: List[SkillTasks], budg
 def read_summary(directory: Path) -> Optional[PoolSummary]:
     """The summary of the pool in `directory`, or None when it holds none."""
     path = Path(directory) / MANIFEST
-    if not path.is_file():
-        return None
     try:
+        if not path.is_file():
+            return None
         return PoolSummary.model_validate_json(path.read_text())
+    except OSError as exc:
+        raise DemoPoolError(directory, f"cannot read {MANIFEST} ({exc.strerror or exc})") from None
     except ValueError as exc:
         raise DemoPoolExistsError(directory, f"{MANIFEST} is unreadable ({exc.__class__.__name__}); delete the folder to rebuild") from None
 
 
+def _pool_files(summary: PoolSummary) -> List[str]:
+    """The files a complete pool holds, relative to its folder."""
+    files = ["recipe.yaml", "tasks/toy_data.py"]
+    files += [f"{name}/{file}" for name in summary.checkpoints for file in ("model.safetensors", "config.json", "tokenizer.json")]
+    files += [f"tasks/{name}.{ext}" for task in summary.tasks for name in (task.search, task.holdout) for ext in ("yaml", "jsonl")]
+    return files
+
+
 def _existing_pool(directory: Path, seed: int, plan: PoolPlan) -> Optional[PoolSummary]:
-    """The matching pool already in `directory`; raise if it holds anything else."""
-    if not directory.exists():
-        return None
-    if not directory.is_dir():
-        raise DemoPoolExistsError(directory, "exists and is not a folder")
-    summary = read_summary(directory)
-    if summary is None:
-        if any(directory.iterdir()):
-            raise DemoPoolExistsError(directory, "is not empty and holds no demo pool; choose an empty or new folder")
-        return None
+    """The matching, complete pool already in `directory`, or None when `directory` is
+    missing or empty; raise for anything else, before any training starts."""
+    try:
+        if not directory.exists():
+            return None
+        if not directory.is_dir():
+            raise DemoPoolExistsError(directory, "exists and is not a folder")
+        summary = read_summary(directory)
+        if summary is None:
+            if any(directory.iterdir()):
+                raise DemoPoolExistsError(directory, "is not empty and holds no demo pool; choose an empty or new folder")
+            if not os.access(directory, os.W_OK):
+                raise DemoPoolError(directory, "cannot write here (permission denied)")
+            return None
+    except OSError as exc:
+        if isinstance(exc, DemoPoolError):
+            raise
+        raise DemoPoolError(directory, f"cannot read this folder ({exc.strerror or exc})") from None
     if (summary.seed, summary.size) != (seed, plan.size):
         raise DemoPoolExistsError(
             directory,
@@ -178,18 +197,24 @@ def _existing_pool(directory: Path, seed: int, plan: PoolPlan) -> Optional[PoolS
         )
     if summary.fingerprint != plan.fingerprint():
         raise DemoPoolExistsError(directory, "holds a demo pool built by another version of mergekit-recycle; delete it to rebuild")
+    missing = [file for file in _pool_files(summary) if not (directory / file).is_file()]
+    if missing:
+        raise DemoPoolExistsError(directory, f"holds an incomplete demo pool ({missing[0]} is missing); delete it to rebuild")
     return summary
 
 
 def _workspace(directory: Path) -> Path:
     """A fresh temporary folder next to `directory`, proving that we can write there."""
-    parent = directory.resolve().parent
     try:
-        if not parent.exists():
-            parent.mkdir(parents=True)
-        return Path(tempfile.mkdtemp(prefix=f".{directory.name}.building-", dir=parent))
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        workspace = Path(tempfile.mkdtemp(prefix=f".{directory.name}.building-", dir=directory.parent))
     except OSError as exc:
         raise DemoPoolError(directory, f"cannot write here ({exc.strerror or exc})") from None
+    # mkdtemp makes the folder private; the pool should get the usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    workspace.chmod(0o777 & ~umask)
+    return workspace
 
 
 def _train_pool(workspace: Path, seed: int, plan: PoolPlan, evaluation_questions: frozenset, report: Report) -> Dict[str, str]:
@@ -232,16 +257,20 @@ def _score_pool(workspace: Path, checkpoints: List[str], tasks: List[SkillTasks]
     return scores
 
 
-def build_pool(directory: Path, seed: int = 0, size: str = "default", report: Report = lambda line: None) -> PoolSummary:
-    """Build the demo pool of `size` from `seed` in `directory` (a no-op when it is already
-    there) and return its summary; `report` receives progress lines."""
+def build_pool(directory: Path, seed: int = 0, size: Union[str, PoolPlan] = "default",
+               report: Report = lambda line: None) -> PoolSummary:
+    """Build the demo pool of `size` (a name in PLANS, or a plan of your own) from `seed` in
+    `directory` and return its summary; a no-op when `directory` already holds that pool.
+    `report` receives progress lines."""
     from transformers.utils import logging as transformers_logging
 
-    directory = Path(directory)
-    plan = PLANS[size]
+    if Path(directory).name in ("", ".", "..") or Path(directory).is_symlink() or os.path.ismount(directory):
+        raise DemoPoolError(directory, "give the pool a folder of its own (not '.', '..', a link or a mount point)")
+    directory = Path(os.path.abspath(directory))
+    plan = PLANS[size] if isinstance(size, str) else size
     existing = _existing_pool(directory, seed, plan)
     if existing is not None:
-        report(f"{directory} already holds this pool (--seed {seed} --size {size}); nothing to do")
+        report(f"{directory} already holds this pool (--seed {seed} --size {plan.size}); nothing to do")
         return existing
     workspace = _workspace(directory)
     try:
@@ -250,26 +279,30 @@ def build_pool(directory: Path, seed: int = 0, size: str = "default", report: Re
         examples = evaluation_examples(seed, plan.dev_size, plan.test_size)
         questions = frozenset(row["question"] for splits in examples.values() for rows in splits.values() for row in rows)
         descriptions = _train_pool(workspace, seed, plan, questions, report)
-        tasks = write_tasks(workspace / "tasks", seed, plan.dev_size, plan.test_size)
+        tasks = write_tasks(workspace / "tasks", examples)
         scores = _score_pool(workspace, list(descriptions), tasks, report)
         (workspace / "recipe.yaml").write_text(plan_recipe(plan))
         summary = PoolSummary(
-            format=FORMAT, seed=seed, size=size, fingerprint=plan.fingerprint(), checkpoints=descriptions,
+            format=FORMAT, seed=seed, size=plan.size, fingerprint=plan.fingerprint(), checkpoints=descriptions,
             tasks=tasks, scores=scores, build_seconds=round(time.perf_counter() - started, 1),
         )
         (workspace / MANIFEST).write_text(summary.model_dump_json(indent=2) + "\n")
-        _move_into_place(workspace, directory)
-        return summary
+        return _move_into_place(workspace, directory, seed, plan, summary)
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
 
 
-def _move_into_place(workspace: Path, directory: Path) -> None:
+def _move_into_place(workspace: Path, directory: Path, seed: int, plan: PoolPlan, summary: PoolSummary) -> PoolSummary:
+    """Rename the finished pool onto `directory` (missing or empty: rename replaces an empty
+    folder in one step). If another build of the same pool got there first, use that one."""
     try:
-        if directory.is_dir():
-            directory.rmdir()  # empty, as _existing_pool checked
         os.replace(workspace, directory)
+        return summary
     except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            existing = _existing_pool(directory, seed, plan)
+            if existing is not None:
+                return existing
         raise DemoPoolError(directory, f"cannot move the finished pool into place ({exc.strerror or exc})") from None
 
 

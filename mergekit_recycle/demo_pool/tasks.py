@@ -62,11 +62,11 @@ def evaluation_examples(seed: int, dev_size: int, test_size: int) -> Dict[str, D
     return examples
 
 
-def write_tasks(tasks_dir: Path, seed: int, dev_size: int, test_size: int) -> List[SkillTasks]:
-    """Write a dev (search) and a test (holdout) task per skill; return their names."""
+def write_tasks(tasks_dir: Path, examples: Dict[str, Dict[str, List[dict]]]) -> List[SkillTasks]:
+    """Write a dev (search) and a test (holdout) task per skill from `examples` (as
+    `evaluation_examples` returns them); return their names."""
     tasks_dir.mkdir(parents=True, exist_ok=True)
     (tasks_dir / "toy_data.py").write_text(_LOADER)
-    examples = evaluation_examples(seed, dev_size, test_size)
     for skill, search, holdout in skill_tasks():
         for task, rows in ((search, examples[skill]["dev"]), (holdout, examples[skill]["test"])):
             with open(tasks_dir / f"{task}.jsonl", "w", encoding="utf-8") as out:

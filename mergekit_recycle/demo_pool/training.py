@@ -1,8 +1,10 @@
 """Training a demo checkpoint: next-token loss on the answers of a skill mixture.
 
 Deterministic by construction: the data stream, the initial weights and every random
-draw of the optimizer come from the run's seed, and the run uses one CPU thread, so a
-seed gives the same bytes on any machine with the same torch build.
+draw of the optimizer come from the run's seed, and the run uses one CPU thread (so the
+order of floating-point sums does not depend on the number of cores). A seed gives the
+same bytes on the same machine and torch build; another CPU's vector instructions may
+round differently.
 """
 
 import math
