@@ -33,7 +33,7 @@ from mergekit_recycle.errors import DemoPoolError, DemoPoolExistsError
 MANIFEST = "demo-pool.json"
 BASE_NAME = "base"
 # Bumped whenever a change to the plan or the training code changes the bytes built.
-FORMAT = 1
+FORMAT = 2
 
 Report = Callable[[str], None]
 
