@@ -52,9 +52,8 @@ def bench_seed(seed: int, args) -> dict:
     from mergekit_recycle.demo_pool import BASE_NAME, build_pool
     from mergekit_recycle.evaluate import Scorer
 
-    summary = build_pool(args.pools / f"{args.size}-seed-{seed}", seed=seed, size=args.size, report=print)
-    build_seconds = summary.build_seconds
     root = args.pools / f"{args.size}-seed-{seed}"
+    summary = build_pool(root, seed=seed, size=args.size, report=print)
     names = [name for name in summary.checkpoints if name != BASE_NAME]
     weights_of = {name: load_file(root / name / "model.safetensors") for name in summary.checkpoints}
     model = AutoModelForCausalLM.from_pretrained(root / BASE_NAME).eval()
@@ -80,9 +79,6 @@ def bench_seed(seed: int, args) -> dict:
     def test_correct() -> dict:
         scores = test.score(log_samples=True)
         return {task: np.asarray(scores.samples[task]["acc"], dtype=float) for task in scores}
-
-    def single(name):
-        return {name: 1.0}
 
     dev_scores = {name: float(np.mean([summary.scores[name][t.search] for t in summary.tasks])) for name in summary.checkpoints}
     best_post = max(names, key=dev_scores.get)
@@ -119,8 +115,8 @@ def bench_seed(seed: int, args) -> dict:
 
     merges = {}
     for label, weights, scale, anchored in [
-        ("best single (pool)", single(best_post), 1.0, False),
-        ("best single (pool+base)", single(best_any), 1.0, False),
+        ("best single (pool)", {best_post: 1.0}, 1.0, False),
+        ("best single (pool+base)", {best_any: 1.0}, 1.0, False),
         ("uniform soup", {n: 1.0 for n in names}, 1.0, False),
         ("greedy soup", {n: 1.0 for n in greedy}, 1.0, False),
     ]:
@@ -131,7 +127,7 @@ def bench_seed(seed: int, args) -> dict:
         dev_value, (weights, scale) = search(anchored)
         load(weights, scale, anchored)
         total = sum(weights.values())
-        merges[label] = {"weights": {k: round(float(v) / total, 3) for k, v in weights.items()}, "scale": round(scale, 3),
+        merges[label] = {"weights": {k: round(float(v / total), 3) for k, v in weights.items()}, "scale": round(scale, 3),
                          "dev": dev_value, "correct": test_correct()}
     search_seconds = time.perf_counter() - t0
 
@@ -143,7 +139,7 @@ def bench_seed(seed: int, args) -> dict:
         margin, low, high = paired_bootstrap(merge["correct"], reference, rng)
         rows[label] = {"test_macro": round(macro, 2), "margin": round(margin, 2), "ci95": [round(low, 2), round(high, 2)],
                        "weights": merge["weights"], "scale": merge["scale"]}
-    return {"seed": seed, "size": args.size, "build_seconds": round(build_seconds, 1), "search_seconds": round(search_seconds, 1),
+    return {"seed": seed, "size": args.size, "build_seconds": summary.build_seconds, "search_seconds": round(search_seconds, 1),
             "best_single": best_post, "best_single_with_base": best_any, "greedy": greedy, "rows": rows}
 
 

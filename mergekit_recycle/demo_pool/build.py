@@ -67,15 +67,18 @@ def _post(index: int, add: float, sort: float, shift: float, steps: int, learnin
     )
 
 
-_PRETRAINING = dict(name=BASE_NAME, mix={skill: 1.0 for skill in SKILLS}, learning_rate=3e-3, batch_size=64, schedule="cosine")
+def _plan(size: str, post_training: Tuple[TrainingRun, ...], dev_size: int, test_size: int) -> PoolPlan:
+    """Both sizes share the model and the pretraining run, which every skill needs in full."""
+    pretraining = TrainingRun(name=BASE_NAME, mix={skill: 1.0 for skill in SKILLS}, steps=1500,
+                              learning_rate=3e-3, batch_size=64, schedule="cosine")
+    return PoolPlan(size=size, hidden_size=32, layers=2, pretraining=pretraining,
+                    post_training=post_training, dev_size=dev_size, test_size=test_size)
+
 
 PLANS: Dict[str, PoolPlan] = {
-    "default": PoolPlan(
-        size="default",
-        hidden_size=32,
-        layers=2,
-        pretraining=TrainingRun(steps=1500, **_PRETRAINING),
-        post_training=(
+    "default": _plan(
+        "default",
+        (
             _post(1, 1, 0, 0, 300, 1e-3),
             _post(2, 4, 1, 0, 200, 1.5e-3),
             _post(3, 0, 1, 0, 400, 1e-3),
@@ -88,19 +91,9 @@ PLANS: Dict[str, PoolPlan] = {
         dev_size=300,
         test_size=1000,
     ),
-    "small": PoolPlan(
-        size="small",
-        hidden_size=32,
-        layers=2,
-        pretraining=TrainingRun(steps=1500, **_PRETRAINING),
-        post_training=(
-            _post(1, 1, 0, 0, 150, 1e-3),
-            _post(2, 0, 1, 0, 150, 1e-3),
-            _post(3, 0, 0, 1, 150, 1e-3),
-            _post(4, 1, 1, 0, 150, 1e-3),
-            _post(5, 0, 1, 1, 150, 1e-3),
-            _post(6, 0, 4, 1, 150, 1e-3),
-        ),
+    "small": _plan(
+        "small",
+        tuple(_post(i, *mix, 150, 1e-3) for i, mix in enumerate([(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1), (0, 4, 1)], 1)),
         dev_size=100,
         test_size=300,
     ),
@@ -185,9 +178,9 @@ def _existing_pool(directory: Path, seed: int, plan: PoolPlan) -> Optional[PoolS
             if not os.access(directory, os.W_OK):
                 raise DemoPoolError(directory, "cannot write here (permission denied)")
             return None
+    except DemoPoolError:
+        raise
     except OSError as exc:
-        if isinstance(exc, DemoPoolError):
-            raise
         raise DemoPoolError(directory, f"cannot read this folder ({exc.strerror or exc})") from None
     if (summary.seed, summary.size) != (seed, plan.size):
         raise DemoPoolExistsError(
