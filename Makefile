@@ -37,10 +37,11 @@ test: $(INSTALLED)
 .toy-pool/recipe.yaml: | $(INSTALLED)
 	$(BIN)/mergekit-recycle demo-pool .toy-pool
 
+# The search continues runs/toy-recycle/ when it exists (a finished run only prints its table).
 demo: $(INSTALLED) .toy-pool/recipe.yaml
-	$(BIN)/mergekit-recycle validate recipes/pool.yaml
+	$(BIN)/mergekit-recycle optimize recipes/pool.yaml
 
 clean:
-	rm -rf $(VENV) .toy-pool .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .toy-pool runs/toy-recycle .pytest_cache .hypothesis *.egg-info
 
 FORCE:

@@ -6,7 +6,7 @@ status (2 for input the user can fix); MERGEKIT_RECYCLE_DEBUG=1 shows the traceb
 
 import json
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Optional
 
 import click
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
@@ -108,6 +108,95 @@ def demo_pool_command(directory: Path, seed: int, size: str, quiet: bool) -> Non
     summary = build_pool(directory, seed=seed, size=size, report=report)
     click.echo(summary_table(summary))
     click.echo(f"recipe: {directory / 'recipe.yaml'} (the pool took {summary.build_seconds:.0f} s to build)")
+
+
+class Duration(click.ParamType):
+    """A time span: `90` (seconds), `45s`, `30m`, `2h`, `1h30m`."""
+
+    name = "duration"
+    _UNITS = {"h": 3600, "m": 60, "s": 1}
+
+    def convert(self, value: Any, param, ctx) -> float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        text, total, number = str(value).strip().lower(), 0.0, ""
+        try:
+            for char in text:
+                if char in self._UNITS:
+                    total += float(number) * self._UNITS[char]
+                    number = ""
+                else:
+                    number += char
+            total += float(number) if number else 0.0
+        except ValueError:
+            self.fail(f"{value!r} is not a duration (e.g. 2h, 90m, 1h30m, 45s)", param, ctx)
+        if not text or total <= 0:
+            self.fail(f"{value!r} is not a positive duration (e.g. 2h, 90m, 1h30m, 45s)", param, ctx)
+        return total
+
+
+@cli.command("optimize")
+@click.argument("recipe_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the journal, proposals and report go (default: the recipe's output.run_dir).")
+@click.option("--budget", type=click.IntRange(min=1), help="Proposals to evaluate (default: the recipe's search.budget).")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), help="Seed of CMA-ES and the task subsets (default: search.seed).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where to merge and score (default: the recipe's merge.device; auto takes a GPU when there is one).")
+@click.option("--time-budget", type=Duration(), help="Stop the search in time to score the winner and write the report "
+              "before this much time has passed (e.g. 2h, 90m).")
+@click.option("--restart", is_flag=True, help="Move an earlier run in the run folder aside and start over.")
+@click.option("--quiet", is_flag=True, help="No progress bar or progress lines (for CI logs).")
+def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optional[int], seed: Optional[int],
+                     device: Optional[str], time_budget: Optional[float], restart: bool, quiet: bool) -> None:
+    """Search the best linear merge of RECIPE_FILE's pool with CMA-ES, then report it against the baselines.
+
+    Rerun the same command to continue a run that stopped; raise --budget to search further.
+    """
+    from mergekit_recycle.evaluate import check_tasks_exist
+    from mergekit_recycle.optimize import RunOptions, optimize
+    from mergekit_recycle.recipe import load_recipe
+    from mergekit_recycle.report import table
+
+    recipe = load_recipe(recipe_file)
+    check_tasks_exist(recipe, recipe_file)
+    options = RunOptions(
+        run_dir=(run_dir or recipe.output.run_dir).absolute(),
+        budget=budget or recipe.search.budget,
+        seed=recipe.search.seed if seed is None else seed,
+        device=device or recipe.merge.device,
+        time_budget=time_budget,
+        restart=restart,
+    )
+    say = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    report = optimize(recipe, recipe_file, options, say=say, progress=not quiet)
+    click.echo(table(report, splits=("holdout",)))
+    click.echo(holdout_summary(report))
+    click.echo(f"report: {options.run_dir / 'report.md'}" + (f"; merged model: {options.run_dir / 'merged'}" if "winner" in report else ""))
+
+
+def holdout_summary(report: dict) -> str:
+    if not report.get("margins"):
+        return "no winner yet: nothing was scored on the search tasks"
+    margins = ", ".join(f"{label} {value:+.4f}" for label, value in report["margins"].items() if value is not None)
+    winner = report["winner"]
+    return (f"{report['evaluations']} evaluations; winner {winner['from']} uses {winner['weights_above_1pct']} of "
+            f"{len(winner['weights'])} checkpoints above 1%; holdout margin over {margins}")
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print report.json's content instead of the table.")
+def report_command(run_dir: Path, as_json: bool) -> None:
+    """Print the report of RUN_DIR, finished or still running (built from its journal)."""
+    from mergekit_recycle.report import load_report, table
+
+    report = load_report(run_dir)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(table(report))
+    click.echo(holdout_summary(report))
 
 
 def main() -> None:

@@ -18,3 +18,33 @@ MERGEKIT_RECYCLE_DEBUG: bool = _env_bool("MERGEKIT_RECYCLE_DEBUG")
 # The registered name of our merge method, as written in mergekit YAML files.
 RECYCLE_LINEAR = "recycle_linear"
 
+
+
+def env_bytes(name: str) -> "int | None":
+    """A size in bytes from the environment (`8G`, `512M`, `1000000`); None when unset.
+
+    Parsed when used, not at import, so a bad value is reported as one line by the command
+    that needs it.
+    """
+    from mergekit_recycle.errors import SettingError
+
+    value = os.environ.get(name, "").strip().upper().removesuffix("B").removesuffix("I")
+    if not value:
+        return None
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    number, unit = (value[:-1], units[value[-1]]) if value[-1] in units else (value, 1)
+    try:
+        size = int(float(number) * unit)
+    except ValueError:
+        size = -1
+    if size < 0:
+        raise SettingError(name, os.environ[name], "a size in bytes, e.g. 8G, 512M or 1000000")
+    return size
+
+
+# The environment variable that caps how many bytes of checkpoint tensors the optimizer keeps in
+# memory; unset means half of the memory available when the run starts. A bigger pool is streamed.
+POOL_MEMORY_VARIABLE = "MERGEKIT_RECYCLE_POOL_MEMORY"
+
+# How many candidates may fail in a row before the search stops.
+MAX_CONSECUTIVE_FAILURES = 5

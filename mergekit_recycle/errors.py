@@ -95,3 +95,63 @@ class DemoPoolError(RecycleError, OSError):
 
 class DemoPoolExistsError(DemoPoolError, FileExistsError):
     """``path`` already holds something other than the demo pool asked for."""
+
+
+class PoolError(RecycleError, ValueError):
+    """A checkpoint of the pool that cannot be used: missing, unreadable, or unlike the others.
+
+    ``location`` is the recipe field (``pool[3]``, ``base``), ``checkpoint`` the folder or
+    repo, and ``tensor`` the tensor at fault when there is one.
+    """
+
+    exit_code = 2
+
+    def __init__(self, path: Union[str, Path], location: str, checkpoint: str, message: str, tensor: Optional[str] = None):
+        self.path = Path(path)
+        self.location = location
+        self.checkpoint = checkpoint
+        self.message = message
+        self.tensor = tensor
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.location}: checkpoint {self.checkpoint}: {self.message}"
+
+
+class RunDirError(RecycleError, ValueError):
+    """A run folder that cannot be continued as asked (another recipe's run, a damaged journal)."""
+
+    exit_code = 2
+
+    def __init__(self, run_dir: Union[str, Path], message: str):
+        self.run_dir = Path(run_dir)
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.run_dir}: {self.message}"
+
+
+class SearchAbortedError(RecycleError, RuntimeError):
+    """Too many candidates failed in a row; the journal keeps everything evaluated so far."""
+
+    def __init__(self, run_dir: Union[str, Path], failures: int, last_error: str):
+        self.run_dir = Path(run_dir)
+        self.failures = failures
+        self.last_error = last_error
+        super().__init__(
+            f"{self.run_dir}: {failures} candidates failed in a row, the last with: {last_error}; "
+            "the journal keeps every result so far: fix the cause and rerun the same command to continue"
+        )
+
+
+class SettingError(RecycleError, ValueError):
+    """An environment variable whose value cannot be used."""
+
+    exit_code = 2
+
+    def __init__(self, variable: str, value: str, expected: str):
+        self.variable = variable
+        self.value = value
+        self.expected = expected
+        super().__init__(f"{variable}={value!r}: expected {expected}")

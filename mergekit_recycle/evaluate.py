@@ -5,8 +5,11 @@ lm-eval's built-in index (several seconds to build) is consulted only for names 
 task_paths do not define.
 """
 
+import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
 
 from mergekit_recycle.errors import RecipeError
 from mergekit_recycle.recipe import Recipe
@@ -77,23 +80,158 @@ def quiet_lm_eval() -> None:
         module.tqdm = _SilentTqdm
 
 
+def metric_name(key: str) -> str:
+    """A metric as recipes name it: lm-eval's `acc,none` is `acc`; `exact_match,strict-match` stays."""
+    return key[: -len(",none")] if key.endswith(",none") else key
+
+
+def seeded_subsets(task_dict, limits: Dict[str, int], seed: int) -> Dict[str, List[int]]:
+    """For each task with a limit, a seeded random subset of that many document indices.
+
+    The subset depends only on the seed, the task and its size, so every candidate of a
+    run, and every resumed process, is scored on the same documents.
+    """
+    import numpy as np
+
+    subsets = {}
+    for task, limit in limits.items():
+        count = len(list(task_dict[task].eval_docs))
+        if limit < count:
+            rng = np.random.default_rng([seed, zlib.crc32(task.encode())])
+            subsets[task] = sorted(int(i) for i in rng.choice(count, size=limit, replace=False))
+    return subsets
+
+
 class TaskScores(dict):
     """task name -> {metric: value}, plus each task's per-document metrics in `.samples`."""
 
     samples: Dict[str, Dict[str, List[float]]]
 
 
+def reuse_requests(task_dict, lm, samples: Dict[str, List[int]]) -> None:
+    """Build each task's requests once; lm-eval's `evaluate` would rebuild them (prompts,
+    choices, templates) for every candidate, though they never change."""
+    from lm_eval.api.task import Task
+
+    for name, task in task_dict.items():
+        if not isinstance(task, Task):
+            continue  # a group: left to lm-eval
+        task.build_all_requests(samples=samples.get(name), rank=lm.rank, world_size=lm.world_size)
+        instances = task.instances
+
+        def reset(*args, _instances=instances, **kwargs) -> None:
+            for instance in _instances:
+                instance.resps = []
+                instance.filtered_resps = {}
+
+        task.build_all_requests = reset
+
+
+class PreparedLoglikelihoods:
+    """Log-likelihood requests of a causal LM, batched once, scored per candidate in a few tensor ops.
+
+    The requests never change between candidates, only the weights do. So the inputs are
+    built once as lm-eval's HFLM builds them (context + continuation, truncated on the left
+    to the model's length, last token dropped), identical inputs are run once (as HFLM does
+    for one-token multiple-choice continuations), and the continuation log-probabilities and
+    greedy checks are gathered for all requests at once instead of in a loop per request.
+    """
+
+    def __init__(self, encoded, max_length: int, batch_size: int, vocab_size: int, device):
+        self.vocab_size = vocab_size
+        inputs: Dict[tuple, int] = {}
+        owners, positions, targets = [], [], []
+        for index, (_, context, continuation) in enumerate(encoded):
+            tokens = (context + continuation)[-(max_length + 1):][:-1]
+            row = inputs.setdefault(tuple(tokens), len(inputs))
+            start = len(tokens) - len(continuation)
+            owners += [index] * len(continuation)
+            positions += [(row, start + offset) for offset in range(len(continuation))]
+            targets += continuation
+        self.count = len(encoded)
+        order = sorted(inputs, key=len, reverse=True)  # similar lengths share a batch: less padding
+        where = {}
+        self.batches = []
+        for first in range(0, len(order), batch_size):
+            chunk = order[first:first + batch_size]
+            width = len(chunk[0])
+            batch = torch.zeros((len(chunk), width), dtype=torch.long)
+            for slot, tokens in enumerate(chunk):
+                batch[slot, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                where[inputs[tokens]] = (len(self.batches), slot)
+            self.batches.append(batch.to(device))
+        # Per continuation token: its batch, row, position, target token and request.
+        located = [(where[row][0], where[row][1], position) for row, position in positions]
+        self.batch_of = torch.tensor([b for b, _, _ in located], dtype=torch.long)
+        self.row = torch.tensor([r for _, r, _ in located], dtype=torch.long, device=device)
+        self.position = torch.tensor([p for _, _, p in located], dtype=torch.long, device=device)
+        self.target = torch.tensor(targets, dtype=torch.long, device=device)
+        self.owner = torch.tensor(owners, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def score(self, model) -> List[tuple]:
+        """(sum of continuation log-probs, whether the continuation is the greedy one) per request."""
+        logprob = torch.empty(len(self.target), dtype=torch.float32, device=self.target.device)
+        greedy = torch.empty(len(self.target), dtype=torch.bool, device=self.target.device)
+        for index, batch in enumerate(self.batches):
+            mine = (self.batch_of == index).nonzero().squeeze(1).to(self.target.device)
+            logits = model(batch).logits[:, :, : self.vocab_size]
+            picked = torch.log_softmax(logits[self.row[mine], self.position[mine]].float(), dim=-1)
+            logprob[mine] = picked.gather(1, self.target[mine].unsqueeze(1)).squeeze(1)
+            greedy[mine] = picked.argmax(dim=-1) == self.target[mine]
+        totals = torch.zeros(self.count, dtype=torch.float64, device=self.target.device)
+        totals.index_add_(0, self.owner, logprob.double())
+        misses = torch.zeros(self.count, dtype=torch.long, device=self.target.device)
+        misses.index_add_(0, self.owner, (~greedy).long())
+        return list(zip(totals.tolist(), (misses == 0).tolist()))
+
+
+def resident_hflm(**kwargs):
+    """An HFLM for a resident model whose weights change between calls, and whose requests do not.
+
+    Each (context, continuation) pair is tokenized once, and a causal model's requests are
+    batched once (`PreparedLoglikelihoods`); lm-eval does both again on every call.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    class ResidentHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            encoded = [self._encoded(*request.args) for request in requests]
+            if self.backend != "causal":
+                return self._loglikelihood_tokens(encoded, disable_tqdm=disable_tqdm)
+            prepared = self.__dict__.setdefault("_prepared", {})
+            key = tuple(request.args for request in requests)
+            if key not in prepared:
+                prepared[key] = PreparedLoglikelihoods(encoded, self.max_length, int(self.batch_size),
+                                                       self.vocab_size, self.device)
+            return prepared[key].score(self.model)
+
+        def _encoded(self, context: str, continuation: str):
+            cache = self.__dict__.setdefault("_encodings", {})
+            if (context, continuation) not in cache:
+                # As lm-eval's TemplateLM.loglikelihood: an empty context conditions on the prefix token.
+                if context == "":
+                    tokens = self.tok_encode(continuation, add_special_tokens=False)
+                    pair = ([self.prefix_token_id], tokens) if self.prefix_token_id != tokens[0] else (tokens[:1], tokens[1:])
+                else:
+                    pair = self._encode_pair(context, continuation)
+                cache[(context, continuation)] = ((context, continuation), *pair)
+            return cache[(context, continuation)]
+
+    return ResidentHFLM(**kwargs)
+
+
 class Scorer:
     """Scores whatever weights sit in one resident model on a fixed set of lm-eval tasks.
 
-    The tasks are built once and the model is wrapped in one HFLM, so that scoring many
-    candidates costs only their forward passes: copy new weights into `model` in place
-    and call `score()` again.
+    The tasks and their requests are built once, the prompts are tokenized and batched once,
+    and the model is wrapped in one HFLM, so that scoring many candidates costs little more than
+    their forward passes: copy new weights into `model` in place and call `score()` again.
     """
 
     def __init__(self, model, tokenizer, tasks: Sequence[str], task_paths: Sequence[Path] = (),
-                 include_defaults: bool = False, batch_size: int = 256, device: str = "cpu"):
-        from lm_eval.models.huggingface import HFLM
+                 include_defaults: bool = False, batch_size: int = 256, device: str = "cpu",
+                 limits: Optional[Dict[str, int]] = None, seed: int = 0):
         from lm_eval.tasks import TaskManager, get_task_dict
 
         quiet_lm_eval()
@@ -101,22 +239,25 @@ class Scorer:
                               include_defaults=include_defaults)
         self.tasks = list(tasks)
         self.task_dict = get_task_dict(self.tasks, manager)
+        self.samples = seeded_subsets(self.task_dict, limits or {}, seed)
         self.model = model
-        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        self.lm = resident_hflm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        reuse_requests(self.task_dict, self.lm, self.samples)
 
     def score(self, log_samples: bool = False) -> TaskScores:
-        """Every task's metrics (lm-eval's `acc,none` becomes `acc`) for the current weights."""
+        """Every task's metrics for the current weights, named as `metric_name` says."""
         import lm_eval.evaluator
 
         results = lm_eval.evaluator.evaluate(
-            self.lm, self.task_dict, bootstrap_iters=0, log_samples=log_samples, verbosity="ERROR"
+            self.lm, self.task_dict, samples=self.samples or None, bootstrap_iters=0, log_samples=log_samples,
+            verbosity="ERROR",
         )
         scores = TaskScores()
         for task in self.tasks:
             scores[task] = {
-                key.split(",")[0]: value
+                metric_name(key): value
                 for key, value in results["results"][task].items()
-                if key.endswith(",none") and "_stderr" not in key
+                if "," in key and "_stderr" not in key
             }
         scores.samples = {
             task: {metric: [sample[metric] for sample in samples] for metric in scores[task]}

@@ -33,7 +33,7 @@ from mergekit_recycle.errors import DemoPoolError, DemoPoolExistsError
 MANIFEST = "demo-pool.json"
 BASE_NAME = "base"
 # Bumped whenever a change to the plan or the training code changes the bytes built.
-FORMAT = 2
+FORMAT = 3
 
 Report = Callable[[str], None]
 
@@ -123,7 +123,7 @@ class PoolSummary(BaseModel):
 def plan_recipe(plan: PoolPlan) -> str:
     """The recipe a pool built from `plan` ships: its post-training checkpoints and tasks."""
     checkpoints = [run.name for run in plan.post_training]
-    return recipe_text("toy-recycle", checkpoints, skill_tasks(), budget=30)
+    return recipe_text("toy-recycle", checkpoints, skill_tasks(), budget=200)
 
 
 def recipe_text(name: str, checkpoints: List[str], tasks: List[SkillTasks], budget: int) -> str:

@@ -35,8 +35,8 @@ dataset_kwargs:
   data_file: {task}.jsonl
 test_split: test
 output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
+doc_to_text: question
+doc_to_choice: choices
 doc_to_target: answer
 target_delimiter: ""
 metric_list:

@@ -1,0 +1,103 @@
+"""Evaluating one candidate: merge it into the resident model, score it with lm-eval.
+
+`CandidateEvaluator` is the whole interface the search loop sees: give it a merge and a
+split, get back per-task scores and the objective. The resident implementation here runs
+in this process on one device; spreading a generation over several GPUs or machines (Ray)
+means another implementation of the same method, not a change to the search.
+"""
+
+import math
+import time
+from pathlib import Path
+from typing import Dict, Literal, Optional, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from mergekit_recycle.errors import RecipeError
+from mergekit_recycle.evaluate import Scorer, metric_name, task_manager
+from mergekit_recycle.pool import Pool
+from mergekit_recycle.proposal import Merge
+from mergekit_recycle.recipe import Recipe
+from mergekit_recycle.resident_merge import ResidentMerger, load_resident_model
+from mergekit_recycle.simplex import normalise
+
+Split = Literal["search", "holdout"]
+SPLITS = ("search", "holdout")
+
+
+class Evaluation(BaseModel):
+    """One candidate scored on one split: the metric of each recipe task, and their weighted mean."""
+
+    model_config = ConfigDict(frozen=True)
+
+    scores: Dict[str, float]
+    objective: float
+    merge_seconds: float
+    eval_seconds: float
+
+
+class CandidateEvaluator(Protocol):
+    def evaluate(self, merge: Merge, split: Split) -> Evaluation:
+        """Merge `merge` and score it on the recipe's `split` tasks; raise if either fails."""
+
+
+def objective(recipe: Recipe, scores: Dict[str, float]) -> float:
+    """The weighted mean of the task scores, with the recipe's task weights."""
+    shares = normalise([task.weight for task in recipe.tasks])
+    return math.fsum(share * scores[task.name] for share, task in zip(shares, recipe.tasks))
+
+
+def needs_lm_eval_tasks(recipe: Recipe) -> bool:
+    """Whether some task is not defined by the recipe's task_paths (indexing lm-eval's own is slow)."""
+    known = task_manager(recipe).task_index if recipe.task_paths else {}
+    return any(getattr(task, split) not in known for task in recipe.tasks for split in SPLITS)
+
+
+class ResidentEvaluator:
+    """Merges into one resident model and scores it with task objects and an HFLM built once."""
+
+    def __init__(self, recipe: Recipe, pool: Pool, device: str, source: Path, in_memory: Optional[bool] = None,
+                 batch_size: int = 256):
+        self.recipe = recipe
+        self.source = source
+        self.model, tokenizer = load_resident_model(pool, recipe.merge.dtype, device)
+        self.merger = ResidentMerger(pool, self.model, recipe.merge.dtype, in_memory=in_memory)
+        include_defaults = needs_lm_eval_tasks(recipe)
+        self.scorers = {
+            split: Scorer(
+                self.model, tokenizer, [getattr(task, split) for task in recipe.tasks], recipe.task_paths,
+                include_defaults=include_defaults, batch_size=batch_size, device=device,
+                # Only the search is subsampled: the holdout report scores every example.
+                limits={task.search: task.limit for task in recipe.tasks if task.limit} if split == "search" else None,
+                seed=recipe.search.seed,
+            )
+            for split in SPLITS
+        }
+        self._current: Optional[Merge] = None
+
+    def describe(self) -> str:
+        megabytes = self.merger.pool.layout.nbytes * len(self.merger.pool.inputs) / 2**20
+        where = "kept in memory" if self.merger.in_memory else "streamed from disk for every candidate"
+        return f"checkpoints: {megabytes:.1f} MiB in all, {where} (see MERGEKIT_RECYCLE_POOL_MEMORY)"
+
+    def evaluate(self, merge: Merge, split: Split) -> Evaluation:
+        started = time.perf_counter()
+        if merge != self._current:
+            self._current = None  # a merge that fails half-way leaves the model in no known state
+            self.merger.merge(merge)
+            self._current = merge
+        merged = time.perf_counter()
+        results = self.scorers[split].score()
+        scores = {task.name: self._metric(results, task, split) for task in self.recipe.tasks}
+        return Evaluation(scores=scores, objective=objective(self.recipe, scores),
+                          merge_seconds=merged - started, eval_seconds=time.perf_counter() - merged)
+
+    def _metric(self, results, task, split: Split) -> float:
+        name = getattr(task, split)
+        reported = results[name]
+        metric = metric_name(task.metric)
+        if metric not in reported:
+            index = self.recipe.tasks.index(task)
+            raise RecipeError(self.source, f"tasks[{index}].metric",
+                              f"lm-eval task {name!r} reports no metric {task.metric!r} (it reports: {', '.join(sorted(reported))})")
+        return float(reported[metric])

@@ -1,0 +1,72 @@
+"""The search journal: an append-only JSON Lines log that a run is replayed from.
+
+Every record is one line, flushed and fsync'ed before `append` returns, so a record is
+either on disk whole or not at all. A process killed mid-write leaves at most a torn last
+line; opening the journal cuts it off. Nothing else is ever rewritten.
+
+Records (the `type` field):
+  - `run`: the first line; the fingerprint of what the results depend on (pool, tasks,
+    metrics, search settings) and the resolved pool;
+  - `evaluation`: one merge scored on one split: a baseline (`kind` checkpoint, uniform,
+    greedy-step, greedy), a proposal of the search (`proposal`, with `id`, `generation`
+    and `coordinates`), or the winner's holdout score. `status` is `ok` or `failed`
+    (with `error`); a proposal identical to an earlier merge is recorded with `reused`
+    and the earlier scores, and costs no evaluation.
+The optimizer's state is not stored: CMA-ES is seeded, so replaying its asks and the
+journaled fitnesses rebuilds it exactly (see `search.py`).
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+from mergekit_recycle.errors import RunDirError
+
+JOURNAL = "journal.jsonl"
+
+
+class Journal:
+    """An append-only, fsync'ed JSON Lines file.
+
+    Only the process that appends may repair a torn last line; readers (`repair=False`,
+    e.g. `mergekit-recycle report` on a running run) skip it, since it may be a line
+    being written at that moment.
+    """
+
+    def __init__(self, path: Path, repair: bool = True):
+        self.path = path
+        self.repair = repair
+        self.records: List[Dict[str, Any]] = list(self._read())
+
+    def _read(self) -> Iterator[Dict[str, Any]]:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        complete = data.rfind(b"\n") + 1
+        if complete < len(data) and self.repair:
+            # A torn last line: the process died while writing it. The record was never
+            # acknowledged, so dropping it loses nothing that was relied upon.
+            with open(self.path, "r+b") as handle:
+                handle.truncate(complete)
+                os.fsync(handle.fileno())
+        for number, line in enumerate(data[:complete].splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except ValueError:
+                raise RunDirError(self.path.parent, f"{self.path.name} line {number} is not JSON; "
+                                  "the journal was edited or damaged: restore it, or rerun with --restart") from None
+
+    def append(self, record: Dict[str, Any]) -> None:
+        line = json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.records.append(record)
+
+    def of_type(self, kind: str) -> List[Dict[str, Any]]:
+        return [record for record in self.records if record.get("type") == kind]

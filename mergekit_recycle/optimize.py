@@ -1,0 +1,391 @@
+"""The run: a recipe's plan (baselines, then CMA-ES, then the holdout report) applied to a run folder.
+
+`optimize` is what `mergekit-recycle optimize` calls. Everything a run learns goes to its
+journal before it is used, so a run stopped at any point (Ctrl-C, SIGKILL, the time
+budget, too many failures) continues where it stopped when the same command is run again:
+baselines and proposals already in the journal are replayed, not evaluated again.
+
+RUN_DIR holds:
+  journal.jsonl          every evaluation, appended and fsync'ed (see journal.py)
+  proposals/NNNNNN.yaml  each proposal as a mergekit YAML, written before it is evaluated
+  winner.yaml            the best merge on the search tasks, as a mergekit YAML
+  report.json, report.md, *.png   the report (see report.py)
+  merged/                the winner merged to disk by mergekit, with mergekit_config.yml
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+from mergekit_recycle import constants
+from mergekit_recycle.baselines import baseline_merges
+from mergekit_recycle.candidate import SPLITS, CandidateEvaluator, Split
+from mergekit_recycle.errors import ConfigFileError, RunDirError, SearchAbortedError
+from mergekit_recycle.journal import JOURNAL, Journal
+from mergekit_recycle.mergekit_yaml import write_merge_config
+from mergekit_recycle.pool import Pool, resolve_pool
+from mergekit_recycle.proposal import Merge, SearchSpace
+from mergekit_recycle.recipe import Recipe
+from mergekit_recycle.search import CMAES
+
+Record = Dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What the command line adds to a recipe."""
+
+    run_dir: Path
+    budget: int
+    seed: int
+    device: str
+    time_budget: Optional[float] = None  # seconds
+    restart: bool = False
+    in_memory: Optional[bool] = None  # None: keep the pool in memory when it fits
+
+
+class OutOfTime(Exception):
+    """The time budget leaves no room for another evaluation."""
+
+
+def fingerprint(recipe: Recipe, pool: Pool) -> Dict[str, str]:
+    """Hashes of what a run's results depend on, part by part, so a changed recipe can be named."""
+
+    def files(path: Path) -> List[Any]:
+        # Size and modification time of the weights stand in for their content: hashing a
+        # real pool (tens of GB) on every start would cost minutes.
+        return sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in path.iterdir()
+                      if p.suffix in (".safetensors", ".json"))
+
+    parts = {
+        "pool": [[c.name, c.source, files(c.path)] for c in pool.inputs] + [pool.base.name if pool.base else None],
+        "tasks": [task.model_dump(mode="json") for task in recipe.tasks] + [[str(p) for p in recipe.task_paths]],
+        "search": recipe.search.model_dump(mode="json", exclude={"budget"}),
+        "merge": recipe.merge.dtype,
+    }
+    return {name: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+            for name, value in parts.items()}
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Hold RUN_DIR for this process: two runs appending to one journal would corrupt it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirError(run_dir, "another mergekit-recycle optimize is running on this folder; "
+                              "wait for it, or give this run another --run-dir") from None
+        yield
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move an earlier run out of the way (for --restart): nothing computed is deleted."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    target = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+    os.replace(run_dir, target)
+    return target
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Run:
+    """One search, applied to a run folder; each method is a stage of the plan."""
+
+    def __init__(self, recipe: Recipe, source: Path, pool: Pool, options: RunOptions, journal: Journal,
+                 evaluator: CandidateEvaluator, say: Callable[[str], None], progress: bool):
+        self.recipe = recipe
+        self.source = source
+        self.pool = pool
+        self.options = options
+        self.journal = journal
+        self.evaluator = evaluator
+        self.say = say
+        self.progress = progress
+        self.started = time.monotonic()
+        self.failures_in_a_row = 0
+        self.durations: Dict[str, List[float]] = {split: [] for split in SPLITS}
+        search = recipe.search
+        self.space = SearchSpace(pool.names, scale=search.scale if not search.scale_is_searched else 1.0,
+                                 scale_range=search.scale if search.scale_is_searched else None)
+        self.proposals_dir = options.run_dir / "proposals"
+
+    # -- evaluating, with the journal as cache ------------------------------------------------
+
+    def _find(self, merge: Merge, split: Split) -> Optional[Record]:
+        key = list(merge.key)
+        for record in self.journal.of_type("evaluation"):
+            if record["split"] == split and record["status"] == "ok" and record["key"] == key:
+                return record
+        return None
+
+    def _estimate(self, split: Split) -> float:
+        recent = self.durations[split][-5:]
+        return sum(recent) / len(recent) if recent else 0.0
+
+    def _check_time(self, split: Split) -> None:
+        if self.options.time_budget is None:
+            return
+        # Leave room to score the winner on the holdout tasks and to write it to disk.
+        reserve = self._estimate("holdout") + max(5.0, 0.02 * self.options.time_budget)
+        if time.monotonic() - self.started + self._estimate(split) + reserve > self.options.time_budget:
+            raise OutOfTime
+
+    def evaluate(self, merge: Merge, split: Split, kind: str, name: str, timed: bool = True, **extra: Any) -> Record:
+        """The journal record of `merge` on `split`: an earlier one when this merge was scored before.
+
+        A `timed` evaluation raises OutOfTime when the time budget has no room for it.
+        """
+        for record in self.journal.of_type("evaluation"):
+            if record["kind"] == kind and record["name"] == name and record["split"] == split:
+                return record  # replayed from the journal
+        record = {"type": "evaluation", "split": split, "kind": kind, "name": name, **extra,
+                  "weights": merge.weights, "scale": merge.scale, "key": list(merge.key)}
+        earlier = self._find(merge, split)
+        if earlier is not None:
+            record.update(status="ok", scores=earlier["scores"], objective=earlier["objective"], error=None,
+                          merge_seconds=0.0, eval_seconds=0.0, reused=earlier["name"], time=_now())
+            self.journal.append(record)
+            return record
+        if timed:
+            self._check_time(split)
+        record.update(self._score(merge, split), reused=None, time=_now())
+        self.journal.append(record)
+        self._count_failure(record)
+        return record
+
+    def _score(self, merge: Merge, split: Split) -> Record:
+        started = time.perf_counter()
+        try:
+            evaluation = self.evaluator.evaluate(merge, split)
+        except (ConfigFileError, KeyboardInterrupt):
+            raise  # a wrong recipe fails every candidate alike: stop at once
+        except Exception as exc:  # noqa: BLE001 - a failed candidate must not end the search
+            error = " ".join(f"{type(exc).__name__}: {exc}".split())
+            return {"status": "failed", "scores": None, "objective": None, "error": error,
+                    "merge_seconds": None, "eval_seconds": round(time.perf_counter() - started, 4)}
+        self.durations[split].append(evaluation.merge_seconds + evaluation.eval_seconds)
+        values = list(evaluation.scores.values()) + [evaluation.objective]
+        if not all(math.isfinite(value) for value in values):
+            return {"status": "failed", "scores": None, "objective": None, "error": f"scored NaN: {evaluation.scores}",
+                    "merge_seconds": round(evaluation.merge_seconds, 4), "eval_seconds": round(evaluation.eval_seconds, 4)}
+        return {"status": "ok", "scores": evaluation.scores, "objective": evaluation.objective, "error": None,
+                "merge_seconds": round(evaluation.merge_seconds, 4), "eval_seconds": round(evaluation.eval_seconds, 4)}
+
+    def _count_failure(self, record: Record) -> None:
+        if record["status"] == "ok":
+            self.failures_in_a_row = 0
+            return
+        self.say(f"{record['name']} failed: {record['error']}")
+        self.failures_in_a_row += 1
+        if self.failures_in_a_row >= constants.MAX_CONSECUTIVE_FAILURES:
+            raise SearchAbortedError(self.options.run_dir, self.failures_in_a_row, record["error"])
+
+    # -- the stages -------------------------------------------------------------------------
+
+    def baselines(self) -> Dict[str, Merge]:
+        """Score every baseline on the search tasks, then on the holdout tasks (outside the budget)."""
+
+        def search_objective(merge: Merge, kind: str, name: str) -> Optional[float]:
+            known = len(self.journal.records)
+            record = self.evaluate(merge, "search", kind, name)
+            if len(self.journal.records) > known and record["status"] == "ok":  # scored now, not replayed
+                self.say(f"baseline {name}: search objective {record['objective']:.4f}")
+            return record["objective"]
+
+        merges = baseline_merges(self.pool.names, search_objective)
+        self.evaluate(merges["greedy soup"][1], "search", "greedy", "greedy soup")
+        for name, (kind, merge) in merges.items():
+            self.evaluate(merge, "holdout", kind, name)
+        return {name: merge for name, (kind, merge) in merges.items()}
+
+    def search(self, baselines: Dict[str, Merge]) -> None:
+        """CMA-ES until the budget is spent: from the best baseline, with the soups injected."""
+        objectives = {name: record["objective"] for name, merge in baselines.items()
+                      if (record := self._find(merge, "search")) is not None}
+        singles = [name for name in self.pool.names if name in objectives]
+        # The search starts from the best of these and is shown the others (pycma's inject).
+        seeds = ([max(singles, key=objectives.get)] if singles else []) + [
+            name for name in ("uniform soup", "greedy soup") if name in objectives]
+        start = max(seeds, key=objectives.get) if seeds else "uniform soup"
+        injected = [name for name in seeds if name != start and baselines[name] != baselines[start]]
+        failed_fitness = 1.0 - min(objectives.values(), default=0.0)
+        cma = CMAES(self._start_point(baselines[start]), self.recipe.search.sigma0, seed=self.options.seed,
+                    population=self.recipe.search.population,
+                    inject=[self._start_point(baselines[name]) for name in injected])
+        recorded = {record["id"]: record for record in self.journal.of_type("evaluation") if record["kind"] == "proposal"}
+        evaluations = sum(1 for record in recorded.values() if record["reused"] is None)
+        bar = self._progress_bar(evaluations)
+        next_id = 0
+        try:
+            while evaluations < self.options.budget:
+                points, fitnesses = cma.ask(), []
+                for point in points:
+                    proposal_id, next_id = next_id, next_id + 1
+                    record = recorded.get(proposal_id)
+                    if record is not None and record["coordinates"] != point:
+                        raise RunDirError(self.options.run_dir, f"{JOURNAL}: proposal {proposal_id} does not match what "
+                                          "this search proposes; the journal comes from another version or was edited: "
+                                          "rerun with --restart")
+                    if record is None:
+                        if evaluations >= self.options.budget:
+                            return
+                        record = self._propose(point, proposal_id, cma.generation)
+                        if record["reused"] is None:
+                            evaluations += 1
+                            if bar:
+                                bar.set_postfix_str(f"best {self.best_so_far():.4f}", refresh=False)
+                                bar.update(1)
+                    fitnesses.append(-record["objective"] if record["status"] == "ok" else failed_fitness)
+                cma.tell(points, fitnesses)
+        finally:
+            if bar:
+                bar.close()
+
+    def _start_point(self, baseline: Merge) -> List[float]:
+        """A baseline's coordinates, at the scale the search starts from (baselines have scale 1)."""
+        return self.space.coordinates(baseline.model_copy(update={"scale": self.space.start_scale()}))
+
+    def _propose(self, point: List[float], proposal_id: int, generation: int) -> Record:
+        merge = self.space.merge(point)
+        name = f"{proposal_id:06d}"
+        write_merge_config(self.proposals_dir / f"{name}.yaml", merge, self.pool, self.recipe.merge.dtype,
+                           f"proposal {name} (generation {generation}) of {self.recipe.name}")
+        return self.evaluate(merge, "search", "proposal", f"proposal {name}", id=proposal_id, generation=generation,
+                             coordinates=point)
+
+    def _progress_bar(self, done: int):
+        if not self.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.options.budget, initial=done, desc="search", unit="eval", dynamic_ncols=True,
+                    bar_format="{desc}: {n}/{total} evaluations |{bar}| [{elapsed}<{remaining}{postfix}]")
+
+    def best_so_far(self) -> float:
+        ok = [r["objective"] for r in self.journal.of_type("evaluation") if r["split"] == "search" and r["status"] == "ok"]
+        return max(ok, default=float("nan"))
+
+    def finish(self) -> Optional[Merge]:
+        """Score the winner on the holdout tasks and write it as a mergekit YAML; None if nothing scored."""
+        from mergekit_recycle.report import winner_record
+
+        winner = winner_record(self.journal.records)
+        if winner is None:
+            return None
+        merge = Merge(weights=winner["weights"], scale=winner["scale"])
+        self.evaluate(merge, "holdout", "optimized", winner["name"], timed=False)  # the time reserved for it
+        write_merge_config(self.options.run_dir / "winner.yaml", merge, self.pool, self.recipe.merge.dtype,
+                           f"the winner of {self.recipe.name}: {winner['name']}, search objective {winner['objective']:.4f}")
+        return merge
+
+
+def open_journal(recipe: Recipe, pool: Pool, options: RunOptions) -> Journal:
+    """The run's journal: a new one, or the earlier run's when the recipe is the same."""
+    journal = Journal(options.run_dir / JOURNAL)
+    prints = fingerprint(recipe, pool)
+    runs = journal.of_type("run")
+    if runs:
+        earlier = runs[0]["fingerprint"]
+        changed = [part for part in prints if prints[part] != earlier.get(part)]
+        if changed:
+            raise RunDirError(options.run_dir, f"holds a run of a different recipe ({', '.join(changed)} changed); "
+                              "rerun with --restart to set it aside and start over, or choose another --run-dir")
+        return journal
+    journal.append({
+        "type": "run", "version": 1, "recipe": recipe.name, "fingerprint": prints, "started": _now(),
+        "checkpoints": [c.model_dump(mode="json") for c in pool.checkpoints],
+        "base": pool.base.model_dump(mode="json") if pool.base else None,
+        "tasks": [{"name": t.name, "search": t.search, "holdout": t.holdout, "metric": t.metric, "weight": t.weight}
+                  for t in recipe.tasks],
+    })
+    return journal
+
+
+def prepare_run_dir(options: RunOptions, say: Callable[[str], None]) -> None:
+    if options.run_dir.exists() and not options.run_dir.is_dir():
+        raise RunDirError(options.run_dir, "is a file, not a run folder")
+    if options.restart and (options.run_dir / JOURNAL).exists():
+        with locked(options.run_dir):  # never move a run that another process is writing
+            aside = set_aside(options.run_dir)
+        say(f"--restart: the earlier run was moved to {aside}")
+
+
+def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[str], None] = lambda line: None,
+             progress: bool = False, evaluator: Optional[Callable[..., CandidateEvaluator]] = None) -> Dict[str, Any]:
+    """Run (or continue) the search of `recipe` in options.run_dir; return the report.
+
+    `evaluator` builds the CandidateEvaluator from (recipe, pool, device, source); the
+    default merges into one resident model in this process.
+    """
+    from mergekit_recycle.candidate import ResidentEvaluator
+    from mergekit_recycle.report import build_report, write_report
+    from mergekit_recycle.resident_merge import resolve_device
+
+    recipe = recipe.model_copy(update={"search": recipe.search.model_copy(update={"seed": options.seed,
+                                                                                   "budget": options.budget})})
+    pool = resolve_pool(recipe, source)
+    prepare_run_dir(options, say)
+    with locked(options.run_dir):
+        journal = open_journal(recipe, pool, options)
+        device = resolve_device(options.device)
+        say(f"pool: {len(pool.checkpoints)} checkpoints ({', '.join(pool.names)}), device {device}")
+        build = evaluator or (lambda *args: ResidentEvaluator(*args, in_memory=options.in_memory))
+        candidate_evaluator = build(recipe, pool, device, source)
+        if hasattr(candidate_evaluator, "describe"):
+            say(candidate_evaluator.describe())
+        run = Run(recipe, source, pool, options, journal, candidate_evaluator, say, progress)
+        stopped_early = False
+        try:
+            run.search(run.baselines())
+        except OutOfTime:
+            stopped_early = True
+            say("time budget reached: stopping the search, writing the report for what was evaluated")
+        except SearchAbortedError:
+            write_report(options.run_dir, build_report(journal.records, options.budget), journal.records)
+            raise
+        winner = run.finish()
+        report = build_report(journal.records, options.budget)
+        report["stopped_early"] = stopped_early
+        write_report(options.run_dir, report, journal.records)
+        if winner is not None:
+            merge_winner(options.run_dir, device)
+        return report
+
+
+def merge_winner(run_dir: Path, device: str) -> Path:
+    """Merge winner.yaml to RUN_DIR/merged with mergekit (lazy loading; CUDA when the run uses a GPU)."""
+    from mergekit.options import MergeOptions
+
+    from mergekit_recycle.merge import merge_yaml
+
+    from transformers.utils import logging as transformers_logging
+
+    target, partial = run_dir / "merged", run_dir / "merged.partial"
+    config = (run_dir / "winner.yaml").read_text(encoding="utf-8")
+    written = target / "mergekit_config.yml"
+    if written.is_file() and written.read_text(encoding="utf-8") == config:
+        return target  # this winner is on disk already
+    shutil.rmtree(partial, ignore_errors=True)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # mergekit's own deprecation warnings are not our user's business
+    try:
+        merge_yaml(run_dir / "winner.yaml", partial,
+                   MergeOptions(cuda=device.startswith("cuda"), lazy_unpickle=True, copy_tokenizer=True, quiet=True))
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
+    return target

@@ -1,0 +1,243 @@
+"""The report of a run, built from its journal alone: baselines, the winner, the Pareto front, plots.
+
+Because it needs nothing but the journal, `mergekit-recycle report RUN_DIR` can print it for
+a run that is still going (the winner so far, without a holdout score until the run ends).
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from mergekit_recycle.errors import RunDirError
+from mergekit_recycle.journal import JOURNAL, Journal
+
+Record = Dict[str, Any]
+BASELINE_KINDS = ("checkpoint", "uniform", "greedy")
+# A weight counts as "used" above this share (the paper's measure of how many checkpoints a merge keeps).
+USED_WEIGHT = 0.01
+
+
+def _evaluations(records: List[Record], split: Optional[str] = None, ok: bool = True) -> List[Record]:
+    return [r for r in records if r.get("type") == "evaluation" and (split is None or r["split"] == split)
+            and (not ok or r["status"] == "ok")]
+
+
+def winner_record(records: List[Record]) -> Optional[Record]:
+    """The best evaluated merge on the search objective (the earliest of equals), baselines included."""
+    best = None
+    for record in _evaluations(records, "search"):
+        if best is None or record["objective"] > best["objective"]:
+            best = record
+    return best
+
+
+def _scores(record: Optional[Record]) -> Optional[Dict[str, float]]:
+    if record is None or record["status"] != "ok":
+        return None
+    return {**record["scores"], "objective": record["objective"]}
+
+
+def _holdout_of(records: List[Record], key: List[float]) -> Optional[Record]:
+    return next((r for r in _evaluations(records, "holdout") if r["key"] == key), None)
+
+
+def pareto_front(records: List[Record], tasks: List[str]) -> List[Record]:
+    """The proposals no other proposal matches or beats on every search task (first of equals kept)."""
+    proposals = [r for r in _evaluations(records, "search") if r["kind"] == "proposal" and r["reused"] is None]
+    front = []
+    for record in proposals:
+        mine = [record["scores"][t] for t in tasks]
+        dominated = any(
+            all(o >= m for o, m in zip(theirs, mine)) and (any(o > m for o, m in zip(theirs, mine)) or other["id"] < record["id"])
+            for other in proposals if other is not record
+            for theirs in [[other["scores"][t] for t in tasks]]
+        )
+        if not dominated:
+            front.append(record)
+    return front
+
+
+def build_report(records: List[Record], budget: Optional[int] = None) -> Dict[str, Any]:
+    """report.json's content (see the README for its shape)."""
+    runs = [r for r in records if r.get("type") == "run"]
+    if not runs:
+        raise ValueError("the journal has no run record")
+    run = runs[0]
+    tasks = [task["name"] for task in run["tasks"]]
+    rows = []
+    for record in _evaluations(records, "search", ok=False):
+        if record["kind"] in BASELINE_KINDS:
+            holdout = next((r for r in _evaluations(records, "holdout", ok=False)
+                            if r["kind"] == record["kind"] and r["name"] == record["name"]), None)
+            rows.append(_row(record, record["kind"], record["name"], holdout))
+    winner = winner_record(records)
+    if winner is not None:
+        rows.append(_row(winner, "optimized", "optimized", _holdout_of(records, winner["key"])))
+    proposals = [r for r in _evaluations(records, "search", ok=False) if r["kind"] == "proposal"]
+    evaluated = [r for r in proposals if r["reused"] is None]
+    report: Dict[str, Any] = {
+        "recipe": run["recipe"],
+        "evaluations": len(evaluated),
+        "budget": budget,
+        "failed": sum(1 for r in evaluated if r["status"] != "ok"),
+        "proposals": len(proposals),
+        "tasks": tasks,
+        "checkpoints": {c["name"]: c["source"] for c in run["checkpoints"]},
+        "rows": rows,
+        "pareto": [{"name": r["name"], "search": _scores(r), "weights": r["weights"], "scale": r["scale"]}
+                   for r in pareto_front(records, tasks)],
+    }
+    if winner is not None:
+        report["winner"] = {"from": winner["name"], "weights": winner["weights"], "scale": winner["scale"],
+                            "weights_above_1pct": sum(1 for w in winner["weights"].values() if w > USED_WEIGHT)}
+        report["margins"] = margins(rows)
+    return report
+
+
+def _row(record: Record, kind: str, name: str, holdout: Optional[Record]) -> Dict[str, Any]:
+    return {"name": name, "kind": kind, "weights": record["weights"], "scale": record["scale"],
+            "search": _scores(record), "holdout": _scores(holdout),
+            **({"error": record["error"]} if record["status"] != "ok" else {})}
+
+
+def margins(rows: List[Dict[str, Any]]) -> Dict[str, Optional[float]]:
+    """Holdout objective of the optimized merge minus that of each baseline (the best single chosen on search)."""
+    by_kind = {row["kind"]: row for row in rows if row["kind"] != "checkpoint"}
+    singles = [row for row in rows if row["kind"] == "checkpoint" and row["search"]]
+    reference = {"best single": max(singles, key=lambda r: r["search"]["objective"]) if singles else None,
+                 "uniform soup": by_kind.get("uniform"), "greedy soup": by_kind.get("greedy")}
+    optimized = by_kind.get("optimized")
+    result = {}
+    for label, row in reference.items():
+        ok = optimized and optimized["holdout"] and row and row["holdout"]
+        result[label] = optimized["holdout"]["objective"] - row["holdout"]["objective"] if ok else None
+    return result
+
+
+def _cell(scores: Optional[Dict[str, float]], key: str) -> str:
+    return "—" if not scores else f"{scores[key]:.4f}"
+
+
+def table(report: Dict[str, Any], splits=("search", "holdout")) -> str:
+    """The rows as a Markdown table: every task and the objective, on each split."""
+    columns = report["tasks"] + ["objective"]
+    header = ["merge", "kind"] + [f"{split} {column}" for split in splits for column in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in report["rows"]:
+        cells = [row["name"], row["kind"]] + [_cell(row[split], c) for split in splits for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(report: Dict[str, Any]) -> str:
+    lines = [f"# Recycling report: {report['recipe']}", ""]
+    budget = f" of {report['budget']}" if report.get("budget") else ""
+    lines.append(f"{report['evaluations']}{budget} evaluations ({report['failed']} failed), "
+                 f"{report['proposals']} proposals in all (the others repeated a merge already scored)."
+                 + (" The time budget stopped the search early." if report.get("stopped_early") else ""))
+    lines += ["", "## Search and holdout scores", "", table(report), ""]
+    if "margins" in report:
+        lines.append("Holdout margin of the optimized merge: " + ", ".join(
+            f"{label} {value:+.4f}" if value is not None else f"{label} —" for label, value in report["margins"].items()))
+        winner = report["winner"]
+        lines += ["", "## The winner", "",
+                  f"Found as {winner['from']}; {winner['weights_above_1pct']} of {len(winner['weights'])} weights "
+                  f"exceed 1%; scale {winner['scale']:.4f}.", "", "| checkpoint | weight |", "|---|---|"]
+        lines += [f"| {name} | {weight:.4f} |" for name, weight in sorted(winner["weights"].items(), key=lambda kv: -kv[1])]
+    lines += ["", "## Pareto front of the proposals (search scores)", ""]
+    if report["pareto"]:
+        lines += ["| proposal | " + " | ".join(report["tasks"]) + " | objective |", "|---|" + "---|" * (len(report["tasks"]) + 1)]
+        lines += ["| " + " | ".join([p["name"]] + [f"{p['search'][t]:.4f}" for t in report["tasks"] + ["objective"]]) + " |"
+                  for p in report["pareto"]]
+    else:
+        lines.append("No proposal was evaluated yet.")
+    lines += ["", "![objective](progress.png)", "![tasks](tasks.png)", "![weights](weights.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(run_dir: Path, report: Dict[str, Any], records: List[Record]) -> List[Path]:
+    """progress.png, tasks.png and weights.png in run_dir."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    proposals = [r for r in _evaluations(records, "search") if r["kind"] == "proposal" and r["reused"] is None]
+    baselines = [row for row in report["rows"] if row["kind"] != "optimized" and row["search"]]
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    values = [r["objective"] for r in proposals]
+    best = [max(values[: i + 1]) for i in range(len(values))]
+    axes.plot(range(1, len(values) + 1), values, ".", alpha=0.6, label="proposal")
+    axes.plot(range(1, len(values) + 1), best, "-", label="best proposal so far")
+    for row in baselines:
+        if row["kind"] != "checkpoint" or row["search"]["objective"] == max(r["search"]["objective"] for r in baselines if r["kind"] == "checkpoint"):
+            axes.axhline(row["search"]["objective"], linestyle=":", linewidth=1,
+                         color={"checkpoint": "grey", "uniform": "tab:green", "greedy": "tab:red"}[row["kind"]],
+                         label=f"{row['name'] if row['kind'] != 'checkpoint' else 'best single: ' + row['name']}")
+    axes.set(xlabel="evaluation", ylabel="search objective", title="Search progress")
+    axes.legend(fontsize=7)
+    paths.append(_save(figure, run_dir / "progress.png"))
+
+    tasks = report["tasks"]
+    pairs = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1:]][:6] or [(tasks[0], tasks[0])]
+    front = {p["name"] for p in report["pareto"]}
+    figure, grid = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 4), squeeze=False)
+    for axes, (a, b) in zip(grid[0], pairs):
+        axes.scatter([r["scores"][a] for r in proposals], [r["scores"][b] for r in proposals], s=10, alpha=0.4, label="proposal")
+        on_front = [r for r in proposals if r["name"] in front]
+        axes.scatter([r["scores"][a] for r in on_front], [r["scores"][b] for r in on_front], s=30, facecolors="none",
+                     edgecolors="black", label="Pareto front")
+        for row in baselines:
+            marker = {"checkpoint": "s", "uniform": "^", "greedy": "v"}[row["kind"]]
+            axes.scatter([row["search"][a]], [row["search"][b]], marker=marker, s=40)
+            axes.annotate(row["name"], (row["search"][a], row["search"][b]), fontsize=6)
+        axes.set(xlabel=f"{a} (search)", ylabel=f"{b} (search)")
+    grid[0][0].legend(fontsize=7)
+    figure.suptitle("Proposals per task: Pareto front and baselines")
+    paths.append(_save(figure, run_dir / "tasks.png"))
+
+    if "winner" in report:
+        weights = report["winner"]["weights"]
+        figure, axes = plt.subplots(figsize=(max(5, 0.6 * len(weights)), 4))
+        axes.bar(list(weights), list(weights.values()))
+        axes.axhline(USED_WEIGHT, linestyle=":", color="grey", label="1%")
+        axes.set(ylabel="weight", title=f"Winner's weights (scale {report['winner']['scale']:.3f})")
+        axes.tick_params(axis="x", rotation=45)
+        axes.legend(fontsize=7)
+        paths.append(_save(figure, run_dir / "weights.png"))
+    return paths
+
+
+def _save(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def write_report(run_dir: Path, report: Dict[str, Any], records: List[Record]) -> None:
+    """report.json, report.md and the plots, each replaced atomically."""
+    for name, text in (("report.json", json.dumps(report, indent=2)), ("report.md", markdown(report))):
+        partial = run_dir / f"{name}.partial"
+        partial.write_text(text + "\n", encoding="utf-8")
+        partial.replace(run_dir / name)
+    plot(run_dir, report, records)
+
+
+def load_report(run_dir: Path) -> Dict[str, Any]:
+    """The report of a finished run, or of a running one as it stands (built from its journal)."""
+    path = run_dir / JOURNAL
+    if not path.is_file():
+        raise RunDirError(run_dir, f"no {JOURNAL} here: not a mergekit-recycle run folder")
+    records = Journal(path, repair=False).records
+    report = build_report(records)
+    finished = run_dir / "report.json"
+    if finished.is_file():
+        saved = json.loads(finished.read_text(encoding="utf-8"))
+        report["budget"] = saved.get("budget")
+        report["stopped_early"] = saved.get("stopped_early", False)
+    return report

@@ -1,0 +1,394 @@
+"""`mergekit-recycle optimize` on the small demo pool: the search, its journal, resume, failures, the report."""
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import lines, run_cli
+from mergekit_recycle.candidate import ResidentEvaluator
+from mergekit_recycle.errors import PoolError, SearchAbortedError
+from mergekit_recycle.journal import Journal
+from mergekit_recycle.mergekit_yaml import write_merge_config
+from mergekit_recycle.optimize import RunOptions, optimize
+from mergekit_recycle.pool import resolve_pool
+from mergekit_recycle.proposal import Merge
+from mergekit_recycle.recipe import load_recipe, parse_recipe
+from mergekit_recycle.resident_merge import ResidentMerger, load_resident_model
+
+BUDGET = 10
+KINDS = {"checkpoint", "uniform", "greedy", "optimized"}
+
+
+def optimize_cli(recipe: Path, run_dir: Path, *flags: str) -> subprocess.CompletedProcess:
+    return run_cli("optimize", str(recipe), "--run-dir", str(run_dir), "--quiet", *flags)
+
+
+def evaluations(run_dir: Path, kind: str = "proposal"):
+    return [r for r in Journal(run_dir / "journal.jsonl").of_type("evaluation") if r["kind"] == kind]
+
+
+def evaluated(run_dir: Path):
+    return [r for r in evaluations(run_dir) if r["reused"] is None]
+
+
+@pytest.fixture(scope="module")
+def recipe_file(small_pool) -> Path:
+    return small_pool[0] / "recipe.yaml"
+
+
+@pytest.fixture(scope="module")
+def reference(recipe_file, tmp_path_factory):
+    """One uninterrupted run through the CLI: (run folder, the CLI's result)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "reference"
+    result = optimize_cli(recipe_file, run_dir, "--budget", str(BUDGET))
+    assert result.returncode == 0, result.stderr
+    return run_dir, result
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(".lock"))
+    return copy
+
+
+def test_report_has_the_promised_shape_and_the_winner_beats_every_baseline_on_search(reference, small_pool):
+    run_dir, result = reference
+    report = json.loads((run_dir / "report.json").read_text())
+    names = [f"post-{i}" for i in range(1, 7)]
+    assert report["evaluations"] == BUDGET and report["tasks"] == ["add", "sort", "shift"]
+    assert [row["kind"] for row in report["rows"]] == ["checkpoint"] * 6 + ["uniform", "greedy", "optimized"]
+    for row in report["rows"]:
+        assert set(row) >= {"name", "kind", "weights", "search", "holdout"} and row["kind"] in KINDS
+        assert list(row["weights"]) == names and sum(row["weights"].values()) == pytest.approx(1.0)
+        for split in ("search", "holdout"):
+            assert set(row[split]) == {"add", "sort", "shift", "objective"}
+            assert row[split]["objective"] == pytest.approx(sum(row[split][t] for t in report["tasks"]) / 3)
+    optimized = report["rows"][-1]
+    baselines = report["rows"][:-1]
+    assert all(optimized["search"]["objective"] >= row["search"]["objective"] for row in baselines)
+    uniform = next(row for row in baselines if row["kind"] == "uniform")
+    assert optimized["search"]["objective"] > uniform["search"]["objective"]
+    # The CLI ends with the holdout table and the margins.
+    assert "| optimized | optimized |" in result.stdout and "holdout margin over best single" in result.stdout
+    assert result.stderr == ""  # --quiet
+
+
+def test_run_folder_holds_journal_proposals_report_plots_and_a_loadable_merge(reference):
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_recycle.merge import load_merge_config
+
+    run_dir, _ = reference
+    proposals = evaluations(run_dir)
+    assert [r["id"] for r in proposals] == list(range(len(proposals)))
+    assert sorted(p.name for p in (run_dir / "proposals").iterdir()) == [f"{r['id']:06d}.yaml" for r in proposals]
+    for record in proposals:
+        assert set(record) >= {"id", "generation", "coordinates", "weights", "scores", "objective", "status",
+                               "merge_seconds", "eval_seconds"}
+        config, _ = load_merge_config(run_dir / "proposals" / f"{record['id']:06d}.yaml")
+        assert config.merge_method == "recycle_linear"
+        weights = {Path(str(m.model.model.path)).name: m.parameters["weight"] for m in config.models}
+        assert weights == pytest.approx(record["weights"])
+    assert any(r["reused"] for r in proposals)  # the injected soups were not evaluated again
+    report_md = (run_dir / "report.md").read_text()
+    assert "Pareto front" in report_md and "weights exceed 1%" in report_md and "| optimized |" in report_md
+    for plot in ("progress.png", "tasks.png", "weights.png"):
+        assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "merged" / "mergekit_config.yml").is_file()
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "merged")
+    assert model.config.model_type == "llama"
+
+
+def test_report_command_prints_both_splits(reference):
+    run_dir, _ = reference
+    result = run_cli("report", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    assert "search objective" in result.stdout and "holdout objective" in result.stdout
+    assert json.loads(run_cli("report", str(run_dir), "--json").stdout)["evaluations"] == BUDGET
+    missing = run_cli("report", str(run_dir / "nope"))
+    assert missing.returncode == 2 and len(lines(missing.stderr)) == 1 and "journal.jsonl" in missing.stderr
+
+
+def merged_by_cli(config: Path, out: Path) -> dict:
+    result = run_cli("merge", str(config), str(out))
+    assert result.returncode == 0, result.stderr
+    return load_file(out / "model.safetensors")
+
+
+def assert_resident_equals(model, expected: dict) -> None:
+    state = model.state_dict()
+    for name, tensor in expected.items():
+        assert (state[name] - tensor).abs().max().item() <= 1e-6, name
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["in-memory", "streamed"])
+def test_resident_merge_equals_merging_the_proposal_yaml(reference, recipe_file, tmp_path, in_memory):
+    run_dir, _ = reference
+    recipe = load_recipe(recipe_file)
+    pool = resolve_pool(recipe, recipe_file)
+    model, _ = load_resident_model(pool, "float32", "cpu")
+    merger = ResidentMerger(pool, model, "float32", in_memory=in_memory)
+    for record in [evaluated(run_dir)[-1], evaluated(run_dir)[0]]:
+        merger.merge(Merge(weights=record["weights"], scale=record["scale"]))
+        expected = merged_by_cli(run_dir / "proposals" / f"{record['id']:06d}.yaml", tmp_path / str(record["id"]))
+        assert_resident_equals(model, expected)
+
+
+def test_resident_merge_with_an_anchor_and_a_scale_equals_mergekit(small_pool, tmp_path):
+    directory, _ = small_pool
+    pool = resolve_pool(anchored_recipe(small_pool), directory / "recipe.yaml")
+    model, _ = load_resident_model(pool, "float32", "cpu")
+    merge = Merge(weights={name: float(i) for i, name in enumerate(pool.names)}, scale=1.37)  # post-1 gets 0
+    ResidentMerger(pool, model, "float32", in_memory=False).merge(merge)
+    config = write_merge_config(tmp_path / "anchored.yaml", merge, pool, "float32", "test")
+    assert_resident_equals(model, merged_by_cli(config, tmp_path / "out"))
+
+
+def launch(recipe_file: Path, run_dir: Path) -> subprocess.Popen:
+    script = Path(sys.executable).parent / "mergekit-recycle"
+    return subprocess.Popen([str(script), "optimize", str(recipe_file), "--run-dir", str(run_dir), "--quiet",
+                             "--budget", str(BUDGET)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_a_killed_run_resumes_to_the_same_result(reference, recipe_file, tmp_path):
+    run_dir = tmp_path / "killed"
+    process = launch(recipe_file, run_dir)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if (run_dir / "journal.jsonl").exists() and len(evaluated(run_dir)) >= 4:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.stderr.read()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = len(evaluated(run_dir))
+    assert 4 <= killed_at < BUDGET and not (run_dir / "report.json").exists()
+
+    running = run_cli("report", str(run_dir))  # a run that stopped half-way still has a report
+    assert running.returncode == 0, running.stderr
+
+    result = optimize_cli(recipe_file, run_dir, "--budget", str(BUDGET))
+    assert result.returncode == 0, result.stderr
+    proposals = evaluations(run_dir)
+    assert len(evaluated(run_dir)) == BUDGET
+    assert len({r["id"] for r in proposals}) == len(proposals)
+    mine = json.loads((run_dir / "report.json").read_text())["rows"][-1]
+    theirs = json.loads((reference[0] / "report.json").read_text())["rows"][-1]
+    assert mine == theirs
+    baselines = [r for r in Journal(run_dir / "journal.jsonl").of_type("evaluation") if r["kind"] == "checkpoint"]
+    assert len(baselines) == 2 * 6  # each checkpoint scored once on each split, never again after the kill
+
+
+def test_rerunning_a_finished_run_evaluates_nothing_and_a_larger_budget_continues(reference, recipe_file, tmp_path):
+    run_dir = copy_run(reference[0], tmp_path)
+    before = Journal(run_dir / "journal.jsonl").records
+    again = optimize_cli(recipe_file, run_dir, "--budget", str(BUDGET))
+    assert again.returncode == 0, again.stderr
+    assert Journal(run_dir / "journal.jsonl").records == before
+    more = optimize_cli(recipe_file, run_dir, "--budget", str(BUDGET + 3))
+    assert more.returncode == 0, more.stderr
+    assert len(evaluated(run_dir)) == BUDGET + 3
+    assert json.loads((run_dir / "report.json").read_text())["evaluations"] == BUDGET + 3
+
+
+def test_a_torn_last_journal_line_is_cut_off(reference, recipe_file, tmp_path):
+    run_dir = copy_run(reference[0], tmp_path)
+    journal = run_dir / "journal.jsonl"
+    intact = journal.read_bytes()
+    with open(journal, "ab") as handle:
+        handle.write(b'{"type":"evaluation","split":"sea')
+    result = optimize_cli(recipe_file, run_dir, "--budget", str(BUDGET))
+    assert result.returncode == 0, result.stderr
+    assert journal.read_bytes() == intact
+
+
+def test_a_changed_recipe_is_refused_unless_restarted(reference, recipe_file, tmp_path):
+    run_dir = copy_run(reference[0], tmp_path)
+    refused = optimize_cli(recipe_file, run_dir, "--seed", "7")
+    assert refused.returncode == 2 and len(lines(refused.stderr)) == 1
+    assert "search changed" in refused.stderr and "--restart" in refused.stderr
+
+    data = yaml.safe_load(recipe_file.read_text())
+    data["tasks"][0]["weight"] = 2.0
+    other = recipe_file.parent / "other-weights.yaml"
+    other.write_text(yaml.safe_dump(data))
+    refused = optimize_cli(other, run_dir)
+    assert refused.returncode == 2 and "tasks changed" in refused.stderr
+
+    restarted = optimize_cli(recipe_file, run_dir, "--seed", "7", "--budget", "1", "--restart")
+    assert restarted.returncode == 0, restarted.stderr
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and (aside[0] / "journal.jsonl").read_bytes()  # the old run is kept, not deleted
+    assert len(evaluated(run_dir)) == 1
+
+
+def test_a_second_process_on_the_same_run_folder_is_refused(reference, recipe_file, tmp_path):
+    from mergekit_recycle.optimize import locked
+
+    run_dir = copy_run(reference[0], tmp_path)
+    with locked(run_dir):
+        result = optimize_cli(recipe_file, run_dir)
+    assert result.returncode == 2 and "another mergekit-recycle optimize is running" in result.stderr
+
+
+class Failing:
+    """The real evaluator, except that chosen search proposals raise or score NaN."""
+
+    def __init__(self, inner: ResidentEvaluator, fail):
+        self.inner, self.fail, self.proposals = inner, fail, 0
+
+    def evaluate(self, merge, split):
+        is_proposal = split == "search" and len(set(merge.weights.values())) > 2  # no baseline has 3 distinct weights
+        if is_proposal:
+            self.proposals += 1
+            outcome = self.fail(self.proposals)
+            if outcome == "raise":
+                raise RuntimeError(f"merge exploded on proposal {self.proposals}")
+            if outcome == "nan":
+                evaluation = self.inner.evaluate(merge, split)
+                return evaluation.model_copy(update={"objective": float("nan")})
+        return self.inner.evaluate(merge, split)
+
+
+def run_api(recipe_file: Path, run_dir: Path, fail=None, budget: int = 6):
+    recipe = load_recipe(recipe_file)
+    build = None
+    if fail is not None:
+        build = lambda *args: Failing(ResidentEvaluator(*args), fail)  # noqa: E731
+    options = RunOptions(run_dir=run_dir, budget=budget, seed=0, device="cpu")
+    return optimize(recipe, recipe_file, options, evaluator=build)
+
+
+def test_failed_candidates_are_journaled_and_the_search_goes_on(recipe_file, tmp_path):
+    report = run_api(recipe_file, tmp_path / "run", fail=lambda n: {2: "raise", 3: "nan"}.get(n))
+    failed = [r for r in evaluated(tmp_path / "run") if r["status"] == "failed"]
+    assert [r["error"].split(":")[0] for r in failed] == ["RuntimeError", "scored NaN"]
+    assert all(r["objective"] is None and r["scores"] is None for r in failed)
+    assert report["evaluations"] == 6 and report["failed"] == 2 and report["rows"][-1]["holdout"]
+
+
+def test_too_many_failures_in_a_row_stop_with_state_saved(recipe_file, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(SearchAbortedError) as caught:
+        run_api(recipe_file, run_dir, fail=lambda n: "raise", budget=8)
+    assert caught.value.failures == 5 and "merge exploded" in str(caught.value)
+    assert [r["status"] for r in evaluated(run_dir)] == ["failed"] * 5
+    assert json.loads((run_dir / "report.json").read_text())["failed"] == 5
+    report = run_api(recipe_file, run_dir, budget=8)  # the cause is gone: the same run continues
+    assert report["evaluations"] == 8 and report["failed"] == 5
+
+
+def test_time_budget_stops_in_time_and_reports(recipe_file, tmp_path):
+    started = time.monotonic()
+    result = optimize_cli(recipe_file, tmp_path / "run", "--budget", "1000", "--time-budget", "30s")
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["stopped_early"] and report["evaluations"] < 1000
+    assert elapsed < 30 + 15  # the budget counts from the start of the run; Python's start-up comes on top
+    assert (tmp_path / "run" / "merged" / "model.safetensors").is_file()
+
+
+def test_incompatible_checkpoint_is_refused_before_any_evaluation(small_pool, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    directory, _ = small_pool
+    wide = AutoModelForCausalLM.from_pretrained(directory / "post-3")
+    wide.resize_token_embeddings(wide.config.vocab_size + 8)
+    wide.save_pretrained(tmp_path / "wide-vocab")
+    data = yaml.safe_load((directory / "recipe.yaml").read_text())
+    data["pool"] = [{"path": str(directory / "post-1")}, {"path": str(directory / "post-2")}, {"path": str(tmp_path / "wide-vocab")}]
+    data["task_paths"] = [str(directory / "tasks")]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    result = optimize_cli(recipe, tmp_path / "run")
+    assert result.returncode == 2 and len(lines(result.stderr)) == 1, result.stderr
+    assert "pool[2]" in result.stderr and "wide-vocab" in result.stderr
+    assert re.search(r"tensor (lm_head|model\.embed_tokens)\.weight has shape \[52, 32\] \(pool\[0\], post-1, has shape \[44, 32\]\)",
+                     result.stderr)
+    assert not (tmp_path / "run" / "journal.jsonl").exists()
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(directory / "post-2", pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    data["pool"][2] = {"path": str(pickled)}
+    recipe.write_text(yaml.safe_dump(data))
+    result = optimize_cli(recipe, tmp_path / "run")
+    assert result.returncode == 2 and "pool[2]" in result.stderr and "pickle" in result.stderr
+
+
+def test_hub_entries_are_named_until_the_hub_is_supported(small_pool, tmp_path):
+    directory, _ = small_pool
+    data = yaml.safe_load((directory / "recipe.yaml").read_text())
+    data["pool"].append({"repo": "org/model", "revisions": ["main"]})
+    with pytest.raises(PoolError) as caught:
+        resolve_pool(parse_recipe(data, directory), directory / "recipe.yaml")
+    assert caught.value.location == "pool[6]" and caught.value.checkpoint == "org/model"
+
+
+@pytest.mark.parametrize("value", ["soon", "0s", "-5m", "1x"])
+def test_bad_time_budget_is_refused(recipe_file, tmp_path, value):
+    result = optimize_cli(recipe_file, tmp_path / "run", "--time-budget", value)
+    assert result.returncode == 2 and "duration" in result.stderr
+
+
+def test_pool_memory_setting_chooses_streaming_and_bad_values_give_one_line(small_pool, recipe_file, tmp_path, monkeypatch):
+    from mergekit_recycle.errors import SettingError
+    from mergekit_recycle.resident_merge import pool_fits_in_memory
+
+    pool = resolve_pool(load_recipe(recipe_file), recipe_file)
+    monkeypatch.setenv("MERGEKIT_RECYCLE_POOL_MEMORY", "1K")
+    assert not pool_fits_in_memory(pool)
+    monkeypatch.setenv("MERGEKIT_RECYCLE_POOL_MEMORY", "8G")
+    assert pool_fits_in_memory(pool)
+    monkeypatch.setenv("MERGEKIT_RECYCLE_POOL_MEMORY", "lots")
+    with pytest.raises(SettingError):
+        pool_fits_in_memory(pool)
+    result = run_cli("optimize", str(recipe_file), "--run-dir", str(tmp_path / "run"), "--budget", "1",
+                     env={"MERGEKIT_RECYCLE_POOL_MEMORY": "lots"})
+    assert result.returncode == 2 and lines(result.stderr)[-1].startswith("MERGEKIT_RECYCLE_POOL_MEMORY='lots': expected")
+
+
+def anchored_recipe(small_pool, scale_range=(0.5, 1.5)):
+    directory, _ = small_pool
+    data = yaml.safe_load((directory / "recipe.yaml").read_text())
+    data |= {"base": {"path": "base"}, "search": {**data["search"], "scale": list(scale_range)}}
+    return parse_recipe(data, directory)
+
+
+def test_with_an_anchor_the_search_also_tunes_the_scale(small_pool, tmp_path):
+    from mergekit_recycle.merge import load_merge_config
+
+    directory, _ = small_pool
+    options = RunOptions(run_dir=tmp_path / "run", budget=6, seed=0, device="cpu")
+    report = optimize(anchored_recipe(small_pool), directory / "recipe.yaml", options)
+    proposals = evaluated(tmp_path / "run")
+    scales = [r["scale"] for r in proposals]
+    assert all(0.5 <= scale <= 1.5 for scale in scales) and len(set(scales)) == len(scales)
+    config, _ = load_merge_config(tmp_path / "run" / "proposals" / f"{proposals[0]['id']:06d}.yaml")
+    assert Path(str(config.base_model.model.path)).name == "base"
+    assert config.parameters["scale"] == pytest.approx(scales[0])
+    assert "base" not in report["rows"][-1]["weights"]  # the anchor anchors; it is not a pool member
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_run_on_the_gpu_matches_the_cpu(reference, recipe_file, tmp_path):
+    recipe = load_recipe(recipe_file)
+    report = optimize(recipe, recipe_file, RunOptions(run_dir=tmp_path / "run", budget=3, seed=0, device="cuda"))
+    cpu = {row["name"]: row["search"]["objective"] for row in json.loads((reference[0] / "report.json").read_text())["rows"]}
+    for row in report["rows"][:-1]:  # baselines: the same merges, scored on another device
+        assert row["search"]["objective"] == pytest.approx(cpu[row["name"]], abs=0.01)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged")
