@@ -13,7 +13,8 @@ from typing import Dict, Literal, Optional, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from mergekit_recycle.errors import RecipeError
+from mergekit_recycle.constants import DEFAULT_BATCH_SIZE
+from mergekit_recycle.errors import LimitOnGroupError, RecipeError
 from mergekit_recycle.evaluate import Scorer, metric_name, task_manager
 from mergekit_recycle.pool import Pool
 from mergekit_recycle.proposal import Merge
@@ -22,6 +23,7 @@ from mergekit_recycle.resident_merge import ResidentMerger, load_resident_model
 from mergekit_recycle.simplex import normalise
 
 Split = Literal["search", "holdout"]
+
 SPLITS = ("search", "holdout")
 
 
@@ -57,22 +59,27 @@ class ResidentEvaluator:
     """Merges into one resident model and scores it with task objects and an HFLM built once."""
 
     def __init__(self, recipe: Recipe, pool: Pool, device: str, source: Path, in_memory: Optional[bool] = None,
-                 batch_size: int = 256):
+                 batch_size: int = DEFAULT_BATCH_SIZE):
         self.recipe = recipe
         self.source = source
         self.model, tokenizer = load_resident_model(pool, recipe.merge.dtype, device)
         self.merger = ResidentMerger(pool, self.model, recipe.merge.dtype, in_memory=in_memory)
         include_defaults = needs_lm_eval_tasks(recipe)
-        self.scorers = {
-            split: Scorer(
-                self.model, tokenizer, [getattr(task, split) for task in recipe.tasks], recipe.task_paths,
-                include_defaults=include_defaults, batch_size=batch_size, device=device,
-                # Only the search is subsampled: the holdout report scores every example.
-                limits={task.search: task.limit for task in recipe.tasks if task.limit} if split == "search" else None,
-                seed=recipe.search.seed,
-            )
-            for split in SPLITS
-        }
+        limits = {task.search: task.limit for task in recipe.tasks if task.limit}
+        try:
+            self.scorers = {
+                split: Scorer(
+                    self.model, tokenizer, [getattr(task, split) for task in recipe.tasks], recipe.task_paths,
+                    include_defaults=include_defaults, batch_size=batch_size, device=device,
+                    # Only the search is subsampled: the holdout report scores every example.
+                    limits=limits if split == "search" else None, seed=recipe.search.seed,
+                )
+                for split in SPLITS
+            }
+        except LimitOnGroupError as exc:
+            index = next(i for i, task in enumerate(recipe.tasks) if task.search == exc.task)
+            raise RecipeError(source, f"tasks[{index}].limit", str(exc)) from None
+        self._check_metrics()
         self._current: Optional[Merge] = None
 
     def describe(self) -> str:
@@ -91,6 +98,20 @@ class ResidentEvaluator:
         scores = {task.name: self._metric(results, task, split) for task in self.recipe.tasks}
         return Evaluation(scores=scores, objective=objective(self.recipe, scores),
                           merge_seconds=merged - started, eval_seconds=time.perf_counter() - merged)
+
+    def _check_metrics(self) -> None:
+        """Refuse metrics the objective cannot maximise: lower-is-better ones (perplexity, say)."""
+        for index, task in enumerate(self.recipe.tasks):
+            for split in SPLITS:
+                name = getattr(task, split)
+                lm_eval_task = self.scorers[split].task_dict.get(name)
+                if lm_eval_task is None or not hasattr(lm_eval_task, "higher_is_better"):
+                    continue  # a group: its metrics are known only after scoring
+                higher = lm_eval_task.higher_is_better() or {}
+                if higher.get(metric_name(task.metric).split(",")[0]) is False:
+                    raise RecipeError(self.source, f"tasks[{index}].metric",
+                                      f"{task.metric!r} of {name!r} is better when lower; the objective is maximised, "
+                                      "so every metric must be one where higher is better")
 
     def _metric(self, results, task, split: Split) -> float:
         name = getattr(task, split)

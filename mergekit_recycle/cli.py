@@ -5,6 +5,7 @@ status (2 for input the user can fix); MERGEKIT_RECYCLE_DEBUG=1 shows the traceb
 """
 
 import json
+import time
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
@@ -146,13 +147,17 @@ class Duration(click.ParamType):
 @click.option("--time-budget", type=Duration(), help="Stop the search in time to score the winner and write the report "
               "before this much time has passed (e.g. 2h, 90m).")
 @click.option("--restart", is_flag=True, help="Move an earlier run in the run folder aside and start over.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=constants.DEFAULT_BATCH_SIZE, show_default=True,
+              help="Requests per forward pass when scoring; raise it where GPU memory allows.")
 @click.option("--quiet", is_flag=True, help="No progress bar or progress lines (for CI logs).")
 def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optional[int], seed: Optional[int],
-                     device: Optional[str], time_budget: Optional[float], restart: bool, quiet: bool) -> None:
+                     device: Optional[str], time_budget: Optional[float], restart: bool, batch_size: int,
+                     quiet: bool) -> None:
     """Search the best linear merge of RECIPE_FILE's pool with CMA-ES, then report it against the baselines.
 
     Rerun the same command to continue a run that stopped; raise --budget to search further.
     """
+    started = time.monotonic()  # the time budget counts from here
     from mergekit_recycle.evaluate import check_tasks_exist
     from mergekit_recycle.optimize import RunOptions, optimize
     from mergekit_recycle.recipe import load_recipe
@@ -167,6 +172,8 @@ def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optiona
         device=device or recipe.merge.device,
         time_budget=time_budget,
         restart=restart,
+        batch_size=batch_size,
+        started=started,
     )
     say = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
     report = optimize(recipe, recipe_file, options, say=say, progress=not quiet)

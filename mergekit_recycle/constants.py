@@ -48,3 +48,7 @@ POOL_MEMORY_VARIABLE = "MERGEKIT_RECYCLE_POOL_MEMORY"
 
 # How many candidates may fail in a row before the search stops.
 MAX_CONSECUTIVE_FAILURES = 5
+
+# Requests per forward pass when scoring: small enough for long prompts and a large vocabulary
+# on a GPU; `optimize --batch-size` raises it where memory allows.
+DEFAULT_BATCH_SIZE = 64

@@ -155,3 +155,13 @@ class SettingError(RecycleError, ValueError):
         self.value = value
         self.expected = expected
         super().__init__(f"{variable}={value!r}: expected {expected}")
+
+
+class LimitOnGroupError(RecycleError, ValueError):
+    """A `limit` was set on an lm-eval group; subsets are drawn per single task."""
+
+    exit_code = 2
+
+    def __init__(self, task: str):
+        self.task = task
+        super().__init__(f"{task!r} is an lm-eval group; a limit applies to single tasks only")

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_recycle.errors import RecipeError
+from mergekit_recycle.errors import LimitOnGroupError, RecipeError
 from mergekit_recycle.recipe import Recipe
 
 
@@ -95,6 +95,8 @@ def seeded_subsets(task_dict, limits: Dict[str, int], seed: int) -> Dict[str, Li
 
     subsets = {}
     for task, limit in limits.items():
+        if task not in task_dict:
+            raise LimitOnGroupError(task)
         count = len(list(task_dict[task].eval_docs))
         if limit < count:
             rng = np.random.default_rng([seed, zlib.crc32(task.encode())])
@@ -132,13 +134,15 @@ class PreparedLoglikelihoods:
 
     The requests never change between candidates, only the weights do. So the inputs are
     built once as lm-eval's HFLM builds them (context + continuation, truncated on the left
-    to the model's length, last token dropped), identical inputs are run once (as HFLM does
-    for one-token multiple-choice continuations), and the continuation log-probabilities and
-    greedy checks are gathered for all requests at once instead of in a loop per request.
+    to the model's length, last token dropped, padded on the right with no attention mask),
+    identical inputs are run once (as HFLM does for one-token multiple-choice continuations),
+    and the log-probabilities and greedy checks of all continuation tokens are gathered at
+    once instead of in a loop per request. The model computes logits only at the positions
+    that hold a continuation token, where it can (`logits_to_keep`): a full batch × length ×
+    vocabulary tensor would not fit on a GPU for a large vocabulary.
     """
 
-    def __init__(self, encoded, max_length: int, batch_size: int, vocab_size: int, device):
-        self.vocab_size = vocab_size
+    def __init__(self, encoded, max_length: int, batch_size: int, device):
         inputs: Dict[tuple, int] = {}
         owners, positions, targets = [], [], []
         for index, (_, context, continuation) in enumerate(encoded):
@@ -151,37 +155,52 @@ class PreparedLoglikelihoods:
         self.count = len(encoded)
         order = sorted(inputs, key=len, reverse=True)  # similar lengths share a batch: less padding
         where = {}
-        self.batches = []
+        batches = []
         for first in range(0, len(order), batch_size):
             chunk = order[first:first + batch_size]
-            width = len(chunk[0])
-            batch = torch.zeros((len(chunk), width), dtype=torch.long)
+            batch = torch.zeros((len(chunk), len(chunk[0])), dtype=torch.long)
             for slot, tokens in enumerate(chunk):
                 batch[slot, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-                where[inputs[tokens]] = (len(self.batches), slot)
-            self.batches.append(batch.to(device))
-        # Per continuation token: its batch, row, position, target token and request.
-        located = [(where[row][0], where[row][1], position) for row, position in positions]
-        self.batch_of = torch.tensor([b for b, _, _ in located], dtype=torch.long)
-        self.row = torch.tensor([r for _, r, _ in located], dtype=torch.long, device=device)
-        self.position = torch.tensor([p for _, _, p in located], dtype=torch.long, device=device)
-        self.target = torch.tensor(targets, dtype=torch.long, device=device)
+                where[inputs[tokens]] = (len(batches), slot)
+            batches.append(batch)
+        self.device = device
         self.owner = torch.tensor(owners, dtype=torch.long, device=device)
+        # Per batch: its inputs, the positions to keep, and for each continuation token in it the
+        # row, the kept column, the target token and its place among all continuation tokens.
+        self.batches = []
+        located = [(where[row], position, target) for (row, position), target in zip(positions, targets)]
+        for number, batch in enumerate(batches):
+            mine = [(slot, position, target, index)
+                    for index, ((b, slot), position, target) in enumerate(located) if b == number]
+            keep = sorted({position for _, position, _, _ in mine})
+            column = {position: i for i, position in enumerate(keep)}
+            columns = [keep, [s for s, _, _, _ in mine], [column[p] for _, p, _, _ in mine],
+                       [t for _, _, t, _ in mine], [i for _, _, _, i in mine]]
+            self.batches.append((batch.to(device), *(torch.tensor(c, dtype=torch.long, device=device) for c in columns)))
+        self.tokens = len(targets)
+        self.keep_supported = True
+
+    def _logits(self, model, batch: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Logits at the kept positions, (batch, kept, vocabulary)."""
+        if self.keep_supported:
+            try:
+                return model(batch, logits_to_keep=keep).logits
+            except TypeError:  # a model class without logits_to_keep
+                self.keep_supported = False
+        return model(batch).logits[:, keep]
 
     @torch.no_grad()
     def score(self, model) -> List[tuple]:
         """(sum of continuation log-probs, whether the continuation is the greedy one) per request."""
-        logprob = torch.empty(len(self.target), dtype=torch.float32, device=self.target.device)
-        greedy = torch.empty(len(self.target), dtype=torch.bool, device=self.target.device)
-        for index, batch in enumerate(self.batches):
-            mine = (self.batch_of == index).nonzero().squeeze(1).to(self.target.device)
-            logits = model(batch).logits[:, :, : self.vocab_size]
-            picked = torch.log_softmax(logits[self.row[mine], self.position[mine]].float(), dim=-1)
-            logprob[mine] = picked.gather(1, self.target[mine].unsqueeze(1)).squeeze(1)
-            greedy[mine] = picked.argmax(dim=-1) == self.target[mine]
-        totals = torch.zeros(self.count, dtype=torch.float64, device=self.target.device)
-        totals.index_add_(0, self.owner, logprob.double())
-        misses = torch.zeros(self.count, dtype=torch.long, device=self.target.device)
+        logprob = torch.empty(self.tokens, dtype=torch.float64, device=self.device)
+        greedy = torch.empty(self.tokens, dtype=torch.bool, device=self.device)
+        for batch, keep, rows, columns, targets, places in self.batches:
+            picked = torch.log_softmax(self._logits(model, batch, keep)[rows, columns].float(), dim=-1)
+            logprob[places] = picked.gather(1, targets.unsqueeze(1)).squeeze(1).double()
+            greedy[places] = picked.argmax(dim=-1) == targets
+        totals = torch.zeros(self.count, dtype=torch.float64, device=self.device)
+        totals.index_add_(0, self.owner, logprob)
+        misses = torch.zeros(self.count, dtype=torch.long, device=self.device)
         misses.index_add_(0, self.owner, (~greedy).long())
         return list(zip(totals.tolist(), (misses == 0).tolist()))
 
@@ -202,8 +221,7 @@ def resident_hflm(**kwargs):
             prepared = self.__dict__.setdefault("_prepared", {})
             key = tuple(request.args for request in requests)
             if key not in prepared:
-                prepared[key] = PreparedLoglikelihoods(encoded, self.max_length, int(self.batch_size),
-                                                       self.vocab_size, self.device)
+                prepared[key] = PreparedLoglikelihoods(encoded, self.max_length, int(self.batch_size), self.device)
             return prepared[key].score(self.model)
 
         def _encoded(self, context: str, continuation: str):

@@ -38,6 +38,9 @@ from mergekit_recycle.recipe import Recipe
 from mergekit_recycle.search import CMAES
 
 Record = Dict[str, Any]
+SAMPLE_BYTES = 2**20
+# Writing the winner to disk reads its checkpoints and writes one; assume at least this rate.
+DISK_BYTES_PER_SECOND = 200 * 2**20
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,11 @@ class RunOptions:
     budget: int
     seed: int
     device: str
-    time_budget: Optional[float] = None  # seconds
+    time_budget: Optional[float] = None  # seconds, counted from `started`
     restart: bool = False
     in_memory: Optional[bool] = None  # None: keep the pool in memory when it fits
+    batch_size: int = constants.DEFAULT_BATCH_SIZE
+    started: Optional[float] = None  # time.monotonic() when the command started; None: when optimize() is called
 
 
 class OutOfTime(Exception):
@@ -61,10 +66,21 @@ def fingerprint(recipe: Recipe, pool: Pool) -> Dict[str, str]:
     """Hashes of what a run's results depend on, part by part, so a changed recipe can be named."""
 
     def files(path: Path) -> List[Any]:
-        # Size and modification time of the weights stand in for their content: hashing a
-        # real pool (tens of GB) on every start would cost minutes.
-        return sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in path.iterdir()
-                      if p.suffix in (".safetensors", ".json"))
+        # What identifies a checkpoint's files without reading tens of GB on every start: each
+        # JSON file whole, and of each weight file its size and its first and last MiB (its
+        # safetensors header and a sample of its tensors). Copying or touching leaves it alike.
+        identity = []
+        for file in sorted(path.iterdir()):
+            if file.suffix == ".json":
+                identity.append([file.name, hashlib.sha256(file.read_bytes()).hexdigest()])
+            elif file.suffix == ".safetensors":
+                size = file.stat().st_size
+                with open(file, "rb") as handle:
+                    head = handle.read(SAMPLE_BYTES)
+                    handle.seek(max(size - SAMPLE_BYTES, 0))
+                    tail = handle.read(SAMPLE_BYTES)
+                identity.append([file.name, size, hashlib.sha256(head + tail).hexdigest()])
+        return identity
 
     parts = {
         "pool": [[c.name, c.source, files(c.path)] for c in pool.inputs] + [pool.base.name if pool.base else None],
@@ -114,9 +130,13 @@ class Run:
         self.evaluator = evaluator
         self.say = say
         self.progress = progress
-        self.started = time.monotonic()
+        self.started = options.started if options.started is not None else time.monotonic()
         self.failures_in_a_row = 0
+        # Earlier sessions' timings, so that a resumed run plans its time budget from the start.
         self.durations: Dict[str, List[float]] = {split: [] for split in SPLITS}
+        for record in journal.of_type("evaluation"):
+            if record["status"] == "ok" and record["reused"] is None:
+                self.durations[record["split"]].append(record["merge_seconds"] + record["eval_seconds"])
         search = recipe.search
         self.space = SearchSpace(pool.names, scale=search.scale if not search.scale_is_searched else 1.0,
                                  scale_range=search.scale if search.scale_is_searched else None)
@@ -139,7 +159,8 @@ class Run:
         if self.options.time_budget is None:
             return
         # Leave room to score the winner on the holdout tasks and to write it to disk.
-        reserve = self._estimate("holdout") + max(5.0, 0.02 * self.options.time_budget)
+        writing = self.pool.layout.nbytes * (len(self.pool.inputs) + 1) / DISK_BYTES_PER_SECOND
+        reserve = self._estimate("holdout") + writing + max(5.0, 0.02 * self.options.time_budget)
         if time.monotonic() - self.started + self._estimate(split) + reserve > self.options.time_budget:
             raise OutOfTime
 
@@ -148,9 +169,12 @@ class Run:
 
         A `timed` evaluation raises OutOfTime when the time budget has no room for it.
         """
-        for record in self.journal.of_type("evaluation"):
-            if record["kind"] == kind and record["name"] == name and record["split"] == split:
-                return record  # replayed from the journal
+        earlier_records = [r for r in self.journal.of_type("evaluation")
+                           if r["kind"] == kind and r["name"] == name and r["split"] == split]
+        # Replayed from the journal; a failed baseline is tried again (the cause may be fixed),
+        # while a failed proposal keeps its failure: the search's replay depends on it.
+        if earlier_records and (earlier_records[-1]["status"] == "ok" or kind == "proposal"):
+            return earlier_records[-1]
         record = {"type": "evaluation", "split": split, "kind": kind, "name": name, **extra,
                   "weights": merge.weights, "scale": merge.scale, "key": list(merge.key)}
         earlier = self._find(merge, split)
@@ -213,18 +237,10 @@ class Run:
 
     def search(self, baselines: Dict[str, Merge]) -> None:
         """CMA-ES until the budget is spent: from the best baseline, with the soups injected."""
-        objectives = {name: record["objective"] for name, merge in baselines.items()
-                      if (record := self._find(merge, "search")) is not None}
-        singles = [name for name in self.pool.names if name in objectives]
-        # The search starts from the best of these and is shown the others (pycma's inject).
-        seeds = ([max(singles, key=objectives.get)] if singles else []) + [
-            name for name in ("uniform soup", "greedy soup") if name in objectives]
-        start = max(seeds, key=objectives.get) if seeds else "uniform soup"
-        injected = [name for name in seeds if name != start and baselines[name] != baselines[start]]
-        failed_fitness = 1.0 - min(objectives.values(), default=0.0)
-        cma = CMAES(self._start_point(baselines[start]), self.recipe.search.sigma0, seed=self.options.seed,
-                    population=self.recipe.search.population,
-                    inject=[self._start_point(baselines[name]) for name in injected])
+        start = self._search_start(baselines)
+        cma = CMAES(start["x0"], self.recipe.search.sigma0, seed=self.options.seed,
+                    population=self.recipe.search.population, inject=start["inject"])
+        failed_fitness = start["failed_fitness"]
         recorded = {record["id"]: record for record in self.journal.of_type("evaluation") if record["kind"] == "proposal"}
         evaluations = sum(1 for record in recorded.values() if record["reused"] is None)
         bar = self._progress_bar(evaluations)
@@ -253,6 +269,28 @@ class Run:
         finally:
             if bar:
                 bar.close()
+
+    def _search_start(self, baselines: Dict[str, Merge]) -> Record:
+        """Where CMA-ES starts and what it is shown first, journaled once: a resumed run replays
+        the search from the same start even if a baseline that had failed scores now."""
+        recorded = self.journal.of_type("search")
+        if recorded:
+            return recorded[0]
+        objectives = {name: record["objective"] for name, merge in baselines.items()
+                      if (record := self._find(merge, "search")) is not None}
+        singles = [name for name in self.pool.names if name in objectives]
+        # The search starts from the best of these and is shown the others (pycma's inject).
+        seeds = ([max(singles, key=objectives.get)] if singles else []) + [
+            name for name in ("uniform soup", "greedy soup") if name in objectives]
+        start = max(seeds, key=objectives.get) if seeds else "uniform soup"
+        injected = [name for name in seeds if name != start and baselines[name] != baselines[start]]
+        record = {"type": "search", "start": start, "injected": injected,
+                  "x0": self._start_point(baselines[start]),
+                  "inject": [self._start_point(baselines[name]) for name in injected],
+                  # Below every real candidate: the objective of a failed one counts as the worst baseline's minus 1.
+                  "failed_fitness": 1.0 - min(objectives.values(), default=0.0)}
+        self.journal.append(record)
+        return record
 
     def _start_point(self, baseline: Merge) -> List[float]:
         """A baseline's coordinates, at the scale the search starts from (baselines have scale 1)."""
@@ -293,25 +331,30 @@ class Run:
 
 
 def open_journal(recipe: Recipe, pool: Pool, options: RunOptions) -> Journal:
-    """The run's journal: a new one, or the earlier run's when the recipe is the same."""
+    """The run folder's journal; refused when it holds a run of another recipe."""
     journal = Journal(options.run_dir / JOURNAL)
-    prints = fingerprint(recipe, pool)
     runs = journal.of_type("run")
     if runs:
-        earlier = runs[0]["fingerprint"]
+        prints, earlier = fingerprint(recipe, pool), runs[0]["fingerprint"]
         changed = [part for part in prints if prints[part] != earlier.get(part)]
         if changed:
             raise RunDirError(options.run_dir, f"holds a run of a different recipe ({', '.join(changed)} changed); "
                               "rerun with --restart to set it aside and start over, or choose another --run-dir")
-        return journal
-    journal.append({
-        "type": "run", "version": 1, "recipe": recipe.name, "fingerprint": prints, "started": _now(),
-        "checkpoints": [c.model_dump(mode="json") for c in pool.checkpoints],
-        "base": pool.base.model_dump(mode="json") if pool.base else None,
-        "tasks": [{"name": t.name, "search": t.search, "holdout": t.holdout, "metric": t.metric, "weight": t.weight}
-                  for t in recipe.tasks],
-    })
     return journal
+
+
+def start_session(journal: Journal, recipe: Recipe, pool: Pool, options: RunOptions) -> None:
+    """Journal what this run is (once, when it first gets going) and what this session was asked."""
+    if not journal.of_type("run"):
+        journal.append({
+            "type": "run", "version": 1, "recipe": recipe.name, "fingerprint": fingerprint(recipe, pool),
+            "started": _now(), "checkpoints": [c.model_dump(mode="json") for c in pool.checkpoints],
+            "base": pool.base.model_dump(mode="json") if pool.base else None,
+            "tasks": [{"name": t.name, "search": t.search, "holdout": t.holdout, "metric": t.metric, "weight": t.weight}
+                      for t in recipe.tasks],
+        })
+    journal.append({"type": "session", "started": _now(), "budget": options.budget,
+                    "time_budget": options.time_budget, "device": options.device})
 
 
 def prepare_run_dir(options: RunOptions, say: Callable[[str], None]) -> None:
@@ -342,10 +385,13 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
         journal = open_journal(recipe, pool, options)
         device = resolve_device(options.device)
         say(f"pool: {len(pool.checkpoints)} checkpoints ({', '.join(pool.names)}), device {device}")
-        build = evaluator or (lambda *args: ResidentEvaluator(*args, in_memory=options.in_memory))
+        build = evaluator or (lambda *args: ResidentEvaluator(*args, in_memory=options.in_memory,
+                                                              batch_size=options.batch_size))
         candidate_evaluator = build(recipe, pool, device, source)
         if hasattr(candidate_evaluator, "describe"):
             say(candidate_evaluator.describe())
+        # Only now, once the pool loaded: a run that could not start leaves no record to be refused by.
+        start_session(journal, recipe, pool, options)
         run = Run(recipe, source, pool, options, journal, candidate_evaluator, say, progress)
         stopped_early = False
         try:
@@ -354,11 +400,11 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
             stopped_early = True
             say("time budget reached: stopping the search, writing the report for what was evaluated")
         except SearchAbortedError:
-            write_report(options.run_dir, build_report(journal.records, options.budget), journal.records)
+            write_report(options.run_dir, build_report(journal.records), journal.records)
             raise
         winner = run.finish()
-        report = build_report(journal.records, options.budget)
-        report["stopped_early"] = stopped_early
+        journal.append({"type": "finish", "time": _now(), "stopped_early": stopped_early})
+        report = build_report(journal.records)
         write_report(options.run_dir, report, journal.records)
         if winner is not None:
             merge_winner(options.run_dir, device)
@@ -368,10 +414,9 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
 def merge_winner(run_dir: Path, device: str) -> Path:
     """Merge winner.yaml to RUN_DIR/merged with mergekit (lazy loading; CUDA when the run uses a GPU)."""
     from mergekit.options import MergeOptions
+    from transformers.utils import logging as transformers_logging
 
     from mergekit_recycle.merge import merge_yaml
-
-    from transformers.utils import logging as transformers_logging
 
     target, partial = run_dir / "merged", run_dir / "merged.partial"
     config = (run_dir / "winner.yaml").read_text(encoding="utf-8")

@@ -52,6 +52,7 @@ class Pool(BaseModel):
     checkpoints: Tuple[Checkpoint, ...]
     base: Optional[Checkpoint]
     layout: TensorLayout
+    source: Path  # the recipe file, named in errors
 
     @property
     def names(self) -> List[str]:
@@ -59,8 +60,9 @@ class Pool(BaseModel):
 
     @property
     def inputs(self) -> List[Checkpoint]:
-        """Every checkpoint a merge may read: the pool, then the anchor."""
-        return list(self.checkpoints) + ([self.base] if self.base is not None else [])
+        """Every checkpoint a merge may read: the pool, then the anchor (unless it is a pool member)."""
+        extra = [self.base] if self.base is not None and self.base not in self.checkpoints else []
+        return list(self.checkpoints) + extra
 
     def by_name(self, name: str) -> Checkpoint:
         return next(checkpoint for checkpoint in self.inputs if checkpoint.name == name)
@@ -171,11 +173,15 @@ def resolve_pool(recipe: Recipe, source: Path, resolvers: Optional[Dict[type, Re
     base = resolvers[type(recipe.base)](recipe.base, "base", source) if recipe.base is not None else []
     if len(base) > 1:
         raise PoolError(source, "base", recipe.base.label, f"resolves to {len(base)} checkpoints; the anchor must be one")
-    named = _unique_names(checkpoints + base)
+    members = {checkpoint.path for checkpoint in checkpoints}
+    anchor_outside = [checkpoint for checkpoint in base if checkpoint.path not in members]
+    named = _unique_names(checkpoints + anchor_outside)
     layout = check_compatible(named, source)
-    pool_part, base_part = named[: len(checkpoints)], named[len(checkpoints):]
-    base_checkpoint = base_part[0] if base_part else None
-    if base_checkpoint is not None and any(c.path == base_checkpoint.path for c in pool_part):
-        # The anchor is also a pool member: one name for one folder.
-        base_checkpoint = next(c for c in pool_part if c.path == base_checkpoint.path)
-    return Pool(checkpoints=tuple(pool_part), base=base_checkpoint, layout=layout)
+    pool_part = named[: len(checkpoints)]
+    if anchor_outside:
+        base_checkpoint: Optional[Checkpoint] = named[-1]
+    elif base:  # the anchor is also a pool member: one name for one folder
+        base_checkpoint = next(c for c in pool_part if c.path == base[0].path)
+    else:
+        base_checkpoint = None
+    return Pool(checkpoints=tuple(pool_part), base=base_checkpoint, layout=layout, source=source)

@@ -57,19 +57,27 @@ def pareto_front(records: List[Record], tasks: List[str]) -> List[Record]:
     return front
 
 
-def build_report(records: List[Record], budget: Optional[int] = None) -> Dict[str, Any]:
-    """report.json's content (see the README for its shape)."""
+def _latest(records: List[Record], split: str) -> Dict[tuple, Record]:
+    """The last record of each baseline on `split` (a failed baseline is tried again on resume)."""
+    latest: Dict[tuple, Record] = {}
+    for record in _evaluations(records, split, ok=False):
+        if record["kind"] in BASELINE_KINDS:
+            latest[(record["kind"], record["name"])] = record
+    return latest
+
+
+def build_report(records: List[Record]) -> Dict[str, Any]:
+    """report.json's content (see the README for its shape), from the journal's records."""
     runs = [r for r in records if r.get("type") == "run"]
     if not runs:
         raise ValueError("the journal has no run record")
     run = runs[0]
+    sessions = [r for r in records if r.get("type") == "session"]
+    finishes = [r for r in records if r.get("type") == "finish"]
     tasks = [task["name"] for task in run["tasks"]]
-    rows = []
-    for record in _evaluations(records, "search", ok=False):
-        if record["kind"] in BASELINE_KINDS:
-            holdout = next((r for r in _evaluations(records, "holdout", ok=False)
-                            if r["kind"] == record["kind"] and r["name"] == record["name"]), None)
-            rows.append(_row(record, record["kind"], record["name"], holdout))
+    holdouts = _latest(records, "holdout")
+    rows = [_row(record, kind, name, holdouts.get((kind, name)))
+            for (kind, name), record in _latest(records, "search").items()]
     winner = winner_record(records)
     if winner is not None:
         rows.append(_row(winner, "optimized", "optimized", _holdout_of(records, winner["key"])))
@@ -78,7 +86,10 @@ def build_report(records: List[Record], budget: Optional[int] = None) -> Dict[st
     report: Dict[str, Any] = {
         "recipe": run["recipe"],
         "evaluations": len(evaluated),
-        "budget": budget,
+        "budget": sessions[-1]["budget"] if sessions else None,
+        # Finished when the last session reached its end; a running or killed one has not.
+        "finished": bool(finishes) and records.index(finishes[-1]) > records.index(sessions[-1]) if sessions else False,
+        "stopped_early": bool(finishes) and finishes[-1]["stopped_early"],
         "failed": sum(1 for r in evaluated if r["status"] != "ok"),
         "proposals": len(proposals),
         "tasks": tasks,
@@ -134,7 +145,8 @@ def markdown(report: Dict[str, Any]) -> str:
     budget = f" of {report['budget']}" if report.get("budget") else ""
     lines.append(f"{report['evaluations']}{budget} evaluations ({report['failed']} failed), "
                  f"{report['proposals']} proposals in all (the others repeated a merge already scored)."
-                 + (" The time budget stopped the search early." if report.get("stopped_early") else ""))
+                 + (" The time budget stopped the search early." if report.get("stopped_early") else "")
+                 + ("" if report.get("finished") else " The run has not finished: the winner so far is shown."))
     lines += ["", "## Search and holdout scores", "", table(report), ""]
     if "margins" in report:
         lines.append("Holdout margin of the optimized merge: " + ", ".join(
@@ -234,10 +246,6 @@ def load_report(run_dir: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise RunDirError(run_dir, f"no {JOURNAL} here: not a mergekit-recycle run folder")
     records = Journal(path, repair=False).records
-    report = build_report(records)
-    finished = run_dir / "report.json"
-    if finished.is_file():
-        saved = json.loads(finished.read_text(encoding="utf-8"))
-        report["budget"] = saved.get("budget")
-        report["stopped_early"] = saved.get("stopped_early", False)
-    return report
+    if not any(record.get("type") == "run" for record in records):
+        raise RunDirError(run_dir, "the run never got going (its pool could not be loaded): nothing to report yet")
+    return build_report(records)

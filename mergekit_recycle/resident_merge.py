@@ -6,12 +6,14 @@ parameters in place: no file is written and no model is built per candidate.
 
 Where the tensors come from:
   - in memory, when the pool fits: every checkpoint (and the anchor) is read once, through
-    mergekit's LazyTensorLoader, and kept. This needs (checkpoints + anchor) × one
-    checkpoint's bytes as stored, plus the resident model, and merges in one call;
-  - streamed, otherwise: for each chunk of tensors (about CHUNK_BYTES of one checkpoint),
-    the loader reads that chunk from each checkpoint with a non-zero weight, mergekit merges
-    it and it is copied into the model. This needs about (checkpoints + 2) × CHUNK_BYTES plus
-    the resident model, and reads the pool from disk (or the page cache) on every candidate.
+    mergekit's LazyTensorLoader, and kept in host memory. This needs (checkpoints + anchor)
+    × one checkpoint's bytes as stored, plus the resident model;
+  - streamed, otherwise: the loader reads each chunk from each checkpoint with a non-zero
+    weight for every candidate, from disk (or the page cache). This needs about
+    (checkpoints + 2) × CHUNK_BYTES of host memory plus the resident model.
+Either way mergekit merges one chunk of tensors (about CHUNK_BYTES of one checkpoint) at a
+time on the model's device and the result is copied into the model, so the device holds the
+model plus about (checkpoints + 2) × CHUNK_BYTES, whatever the size of the pool.
 The pool fits when its bytes are at most MERGEKIT_RECYCLE_POOL_MEMORY, by default half of
 the memory available when the run starts.
 """
@@ -25,6 +27,7 @@ from mergekit.merge_methods.api import merge_state_dicts
 
 from mergekit_recycle import constants
 from mergekit_recycle.constants import RECYCLE_LINEAR
+from mergekit_recycle.errors import PoolError, SettingError
 from mergekit_recycle.pool import Pool
 from mergekit_recycle.proposal import Merge
 
@@ -43,51 +46,66 @@ def pool_fits_in_memory(pool: Pool) -> bool:
 
 
 def resolve_device(device: str) -> str:
-    """`auto` is the first GPU when there is one, else the CPU."""
+    """`auto` is the first GPU when there is one, else the CPU; a GPU asked for must exist."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SettingError("--device", device, "a device torch can use: no CUDA GPU is visible here (try auto or cpu)")
     return device
 
 
 def load_resident_model(pool: Pool, dtype: str, device: str):
-    """The model every candidate is merged into, and its tokenizer (both from the first checkpoint)."""
+    """The model every candidate is merged into (built from the first checkpoint) and the tokenizer
+    (the first checkpoint's, else the first other checkpoint that has one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    first = pool.checkpoints[0].path
-    model = AutoModelForCausalLM.from_pretrained(first, dtype=TORCH_DTYPES[dtype]).to(device).eval()
+    first = pool.checkpoints[0]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(first.path, dtype=TORCH_DTYPES[dtype]).to(device).eval()
+    except (OSError, ValueError) as exc:
+        raise PoolError(pool.source, first.location, str(first.path), f"transformers cannot load it ({exc})") from None
     model.requires_grad_(False)
-    return model, AutoTokenizer.from_pretrained(first)
+    for checkpoint in pool.inputs:
+        try:
+            return model, AutoTokenizer.from_pretrained(checkpoint.path)
+        except (OSError, ValueError):
+            continue
+    raise PoolError(pool.source, first.location, str(first.path),
+                    "no checkpoint of the pool has a tokenizer that transformers can load; add the tokenizer files")
 
 
 class ResidentMerger:
-    """Writes the merge of a proposal into `model`'s parameters, in place."""
+    """Writes the merge of a proposal into `model`'s parameters, in place.
+
+    Only the model's own tensors are merged: checkpoint tensors the model does not have (old
+    rotary `inv_freq` buffers, say) are left out, as the model recomputes them.
+    """
 
     def __init__(self, pool: Pool, model: torch.nn.Module, dtype: str, in_memory: Optional[bool] = None):
         self.pool = pool
         self.dtype = TORCH_DTYPES[dtype]
         self.in_memory = pool_fits_in_memory(pool) if in_memory is None else in_memory
         self.targets = model.state_dict()  # views of the parameters: copying into them updates the model
-        unknown = [name for name in pool.layout.shapes if name not in self.targets]
-        if unknown:
-            raise ValueError(f"the model built from {pool.checkpoints[0].name} has no parameter {unknown[0]}")
+        self.names = [name for name in pool.layout.shapes if name in self.targets]
+        if not self.names:
+            first = pool.checkpoints[0]
+            raise PoolError(pool.source, first.location, str(first.path),
+                            f"none of its tensors is a parameter of the {pool.layout.architecture} model built from it")
         self.device = next(model.parameters()).device
         self.loaders = {c.name: LazyTensorLoader(ShardedTensorIndex.from_disk(str(c.path))) for c in pool.inputs}
         self.stored: Dict[str, Dict[str, torch.Tensor]] = {}
         if self.in_memory:
-            names = list(pool.layout.shapes)
             for checkpoint in pool.inputs:
-                self.stored[checkpoint.name] = {name: self.loaders[checkpoint.name].get_tensor(name) for name in names}
+                self.stored[checkpoint.name] = {name: self.loaders[checkpoint.name].get_tensor(name) for name in self.names}
                 self.loaders[checkpoint.name].flush()
 
     def _chunks(self) -> Iterator[List[str]]:
-        names = list(self.pool.layout.shapes)
-        if self.in_memory:
-            yield names
-            return
+        """Tensor names in groups of about CHUNK_BYTES (of one checkpoint, in float32): what is merged at once,
+        so that the merge device never holds more than (checkpoints + 1) chunks."""
         chunk, size = [], 0
-        for name in names:
+        for name in self.names:
             numel = 1
             for dim in self.pool.layout.shapes[name]:
                 numel *= dim

@@ -65,3 +65,25 @@ def test_a_limit_is_one_seeded_subset(small_pool, model_and_tokenizer):
     assert subset(1, limit=10_000) == {}  # a limit above the task's size keeps every document
     scores = Scorer(model, tokenizer, TASKS, [directory / "tasks"], limits={"toy_sort_dev": 30}, seed=1).score(log_samples=True)
     assert len(scores.samples["toy_sort_dev"]["acc"]) == 30 and len(scores.samples["toy_add_dev"]["acc"]) == 100
+
+
+def test_log_likelihoods_equal_hflm_with_a_padded_vocabulary_empty_contexts_and_truncation(small_pool):
+    """The prepared batches must give what lm-eval's own HFLM gives, request by request."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergekit_recycle.evaluate import resident_hflm
+
+    directory, _ = small_pool
+    tokenizer = AutoTokenizer.from_pretrained(directory / "post-2")
+    model = AutoModelForCausalLM.from_pretrained(directory / "post-2").eval()
+    model.resize_token_embeddings(model.config.vocab_size + 20)  # rows the tokenizer never produces
+    long_context = "12+34=46\n" * 40  # longer than the model's positions: truncated on the left
+    requests = [("12+34=", "46"), ("12+34=", "47"), ("", "sort cab=abc"), ("shift qrs 2=", "stu"),
+                (long_context, "5"), ("sort ba=", "ab")]
+    instances = [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(requests)]
+    ours = resident_hflm(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=64).loglikelihood(instances)
+    theirs = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=64).loglikelihood(instances)
+    assert [greedy for _, greedy in ours] == [greedy for _, greedy in theirs]
+    assert [value for value, _ in ours] == pytest.approx([value for value, _ in theirs], abs=1e-4)

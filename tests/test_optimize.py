@@ -1,6 +1,7 @@
 """`mergekit-recycle optimize` on the small demo pool: the search, its journal, resume, failures, the report."""
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -191,10 +192,10 @@ def test_a_killed_run_resumes_to_the_same_result(reference, recipe_file, tmp_pat
 
 def test_rerunning_a_finished_run_evaluates_nothing_and_a_larger_budget_continues(reference, recipe_file, tmp_path):
     run_dir = copy_run(reference[0], tmp_path)
-    before = Journal(run_dir / "journal.jsonl").records
+    before = Journal(run_dir / "journal.jsonl").of_type("evaluation")
     again = optimize_cli(recipe_file, run_dir, "--budget", str(BUDGET))
     assert again.returncode == 0, again.stderr
-    assert Journal(run_dir / "journal.jsonl").records == before
+    assert Journal(run_dir / "journal.jsonl").of_type("evaluation") == before  # only a session and a finish line more
     more = optimize_cli(recipe_file, run_dir, "--budget", str(BUDGET + 3))
     assert more.returncode == 0, more.stderr
     assert len(evaluated(run_dir)) == BUDGET + 3
@@ -209,7 +210,10 @@ def test_a_torn_last_journal_line_is_cut_off(reference, recipe_file, tmp_path):
         handle.write(b'{"type":"evaluation","split":"sea')
     result = optimize_cli(recipe_file, run_dir, "--budget", str(BUDGET))
     assert result.returncode == 0, result.stderr
-    assert journal.read_bytes() == intact
+    after = journal.read_bytes()
+    assert after.startswith(intact)  # the torn line is gone; what follows is this session's lines
+    added = [json.loads(line) for line in after[len(intact):].splitlines()]
+    assert [record["type"] for record in added] == ["session", "finish"]
 
 
 def test_a_changed_recipe_is_refused_unless_restarted(reference, recipe_file, tmp_path):
@@ -392,3 +396,115 @@ def test_a_run_on_the_gpu_matches_the_cpu(reference, recipe_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged")
+
+
+class FailingSingles:
+    """The real evaluator, except that every single-checkpoint merge raises (an out-of-memory, say)."""
+
+    def __init__(self, inner: ResidentEvaluator):
+        self.inner = inner
+
+    def evaluate(self, merge, split):
+        if len(merge.nonzero()) == 1:
+            raise RuntimeError("CUDA out of memory")
+        return self.inner.evaluate(merge, split)
+
+
+def test_failed_baselines_are_scored_again_when_the_run_continues(recipe_file, tmp_path):
+    recipe, run_dir = load_recipe(recipe_file), tmp_path / "run"
+    options = RunOptions(run_dir=run_dir, budget=2, seed=0, device="cpu")
+    with pytest.raises(SearchAbortedError):
+        optimize(recipe, recipe_file, options, evaluator=lambda *args: FailingSingles(ResidentEvaluator(*args)))
+    report = optimize(recipe, recipe_file, options)
+    singles = [row for row in report["rows"] if row["kind"] == "checkpoint"]
+    assert len(singles) == 6 and all(row["search"] and row["holdout"] for row in singles)
+    failed = [r for r in evaluations(run_dir, "checkpoint") if r["status"] == "failed"]
+    assert len(failed) == 5  # kept in the journal, superseded by the scores that followed
+    assert report["finished"] and report["evaluations"] == 2
+
+
+def test_resume_survives_a_touched_pool_but_not_a_changed_one(reference, recipe_file, tmp_path):
+    run_dir = copy_run(reference[0], tmp_path)
+    config = recipe_file.parent / "post-2" / "config.json"
+    times = (config.stat().st_atime_ns, config.stat().st_mtime_ns)
+    try:
+        os.utime(config, ns=(times[0], times[1] + 10**9))  # as a copy or a re-sync would leave it
+        again = optimize_cli(recipe_file, run_dir, "--budget", str(BUDGET))
+        assert again.returncode == 0, again.stderr
+    finally:
+        os.utime(config, ns=times)
+    from mergekit_recycle.optimize import fingerprint
+
+    copy = tmp_path / "pool"
+    shutil.copytree(recipe_file.parent, copy)
+    recipe = load_recipe(copy / "recipe.yaml")
+    before = fingerprint(recipe, resolve_pool(recipe, copy / "recipe.yaml"))
+    data = json.loads((copy / "post-2" / "config.json").read_text())
+    (copy / "post-2" / "config.json").write_text(json.dumps({**data, "rms_norm_eps": 1e-5}))
+    after = fingerprint(recipe, resolve_pool(recipe, copy / "recipe.yaml"))
+    assert [part for part in before if before[part] != after[part]] == ["pool"]
+
+
+def test_an_anchor_that_is_a_pool_member_keeps_its_name(small_pool):
+    directory, _ = small_pool
+    data = yaml.safe_load((directory / "recipe.yaml").read_text())
+    data |= {"base": {"path": "post-2"}, "search": {**data["search"], "scale": [0.5, 1.5]}}
+    pool = resolve_pool(parse_recipe(data, directory), directory / "recipe.yaml")
+    assert pool.names == [f"post-{i}" for i in range(1, 7)] and pool.base.name == "post-2"
+    assert [c.name for c in pool.inputs] == pool.names  # read once, not twice
+
+
+def test_checkpoint_tensors_the_model_does_not_have_are_left_out(small_pool, tmp_path):
+    from safetensors.torch import save_file
+
+    directory, _ = small_pool
+    for name in ("post-1", "post-2"):
+        shutil.copytree(directory / name, tmp_path / name)
+        tensors = load_file(tmp_path / name / "model.safetensors")
+        tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # as older transformers saved
+        save_file(tensors, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+    data = yaml.safe_load((directory / "recipe.yaml").read_text())
+    data |= {"pool": [{"path": "post-1"}, {"path": "post-2"}], "task_paths": [str(directory / "tasks")]}
+    pool = resolve_pool(parse_recipe(data, tmp_path), tmp_path / "recipe.yaml")
+    model, _ = load_resident_model(pool, "float32", "cpu")
+    ResidentMerger(pool, model, "float32").merge(Merge(weights={"post-1": 1.0, "post-2": 1.0}))
+    expected = (load_file(tmp_path / "post-1" / "model.safetensors")["lm_head.weight"]
+                + load_file(tmp_path / "post-2" / "model.safetensors")["lm_head.weight"]) / 2
+    assert torch.allclose(model.state_dict()["lm_head.weight"], expected, atol=1e-6)
+
+
+def test_a_limit_on_a_task_group_names_the_field(small_pool, tmp_path):
+    directory, _ = small_pool
+    tasks = tmp_path / "tasks"
+    shutil.copytree(directory / "tasks", tasks)
+    (tasks / "toy_group_dev.yaml").write_text("group: toy_group_dev\ntask: [toy_add_dev, toy_shift_dev]\n"
+                                              "aggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\n")
+    data = yaml.safe_load((directory / "recipe.yaml").read_text())
+    data["pool"] = [{"path": str(directory / name)} for name in ("post-1", "post-2")]
+    data["task_paths"] = [str(tasks)]
+    data["tasks"] = [{"name": "mixed", "search": "toy_group_dev", "holdout": "toy_add_test", "metric": "acc", "limit": 50}]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    result = optimize_cli(recipe, tmp_path / "run")
+    assert result.returncode == 2 and "tasks[0].limit" in result.stderr and "group" in result.stderr, result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_asking_for_a_gpu_that_is_not_there_gives_one_line(recipe_file, tmp_path):
+    result = optimize_cli(recipe_file, tmp_path / "run", "--device", "cuda")
+    assert result.returncode == 2 and len(lines(result.stderr)) == 1 and "--device='cuda'" in result.stderr
+
+
+def test_a_metric_that_is_better_when_lower_is_refused(small_pool, tmp_path):
+    directory, _ = small_pool
+    tasks = tmp_path / "tasks"
+    shutil.copytree(directory / "tasks", tasks)
+    task_file = tasks / "toy_add_dev.yaml"
+    task_file.write_text(task_file.read_text().replace("higher_is_better: true", "higher_is_better: false"))
+    data = yaml.safe_load((directory / "recipe.yaml").read_text())
+    data["pool"] = [{"path": str(directory / name)} for name in ("post-1", "post-2")]
+    data["task_paths"] = [str(tasks)]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    result = optimize_cli(recipe, tmp_path / "run")
+    assert result.returncode == 2 and "tasks[0].metric" in result.stderr and "better when lower" in result.stderr, result.stderr
