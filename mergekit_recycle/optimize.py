@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -309,7 +310,10 @@ class Run:
             return None
         from tqdm import tqdm
 
+        # In a log file (CI, `make demo | tee`) every redraw is a line: redraw every 30 s there.
+        interactive = sys.stderr.isatty()
         return tqdm(total=self.options.budget, initial=done, desc="search", unit="eval", dynamic_ncols=True,
+                    mininterval=0.1 if interactive else 30.0,
                     bar_format="{desc}: {n}/{total} evaluations |{bar}| [{elapsed}<{remaining}{postfix}]")
 
     def best_so_far(self) -> float:
