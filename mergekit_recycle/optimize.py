@@ -135,7 +135,12 @@ class Run:
         self.failures_in_a_row = 0
         # Earlier sessions' timings, so that a resumed run plans its time budget from the start.
         self.durations: Dict[str, List[float]] = {split: [] for split in SPLITS}
+        # Indexes of the journal, kept up to date by _append, so that no evaluation scans it.
+        self.by_name: Dict[tuple, Record] = {}  # (kind, name, split) -> its latest record
+        self.by_merge: Dict[tuple, Record] = {}  # (merge key, split) -> the first record that scored it
+        self.best = float("nan")  # the best search objective so far
         for record in journal.of_type("evaluation"):
+            self._index(record)
             if record["status"] == "ok" and record["reused"] is None:
                 self.durations[record["split"]].append(record["merge_seconds"] + record["eval_seconds"])
         search = recipe.search
@@ -145,12 +150,20 @@ class Run:
 
     # -- evaluating, with the journal as cache ------------------------------------------------
 
+    def _index(self, record: Record) -> None:
+        self.by_name[(record["kind"], record["name"], record["split"])] = record
+        if record["status"] == "ok":
+            self.by_merge.setdefault((tuple(record["key"]), record["split"]), record)
+            if record["split"] == "search" and not record["objective"] <= self.best:
+                self.best = record["objective"]
+
+    def _append(self, record: Record) -> Record:
+        self.journal.append(record)
+        self._index(record)
+        return record
+
     def _find(self, merge: Merge, split: Split) -> Optional[Record]:
-        key = list(merge.key)
-        for record in self.journal.of_type("evaluation"):
-            if record["split"] == split and record["status"] == "ok" and record["key"] == key:
-                return record
-        return None
+        return self.by_merge.get((merge.key, split))
 
     def _estimate(self, split: Split) -> float:
         recent = self.durations[split][-5:]
@@ -170,24 +183,22 @@ class Run:
 
         A `timed` evaluation raises OutOfTime when the time budget has no room for it.
         """
-        earlier_records = [r for r in self.journal.of_type("evaluation")
-                           if r["kind"] == kind and r["name"] == name and r["split"] == split]
+        replayed = self.by_name.get((kind, name, split))
         # Replayed from the journal; a failed baseline is tried again (the cause may be fixed),
         # while a failed proposal keeps its failure: the search's replay depends on it.
-        if earlier_records and (earlier_records[-1]["status"] == "ok" or kind == "proposal"):
-            return earlier_records[-1]
+        if replayed is not None and (replayed["status"] == "ok" or kind == "proposal"):
+            return replayed
         record = {"type": "evaluation", "split": split, "kind": kind, "name": name, **extra,
                   "weights": merge.weights, "scale": merge.scale, "key": list(merge.key)}
         earlier = self._find(merge, split)
         if earlier is not None:
             record.update(status="ok", scores=earlier["scores"], objective=earlier["objective"], error=None,
                           merge_seconds=0.0, eval_seconds=0.0, reused=earlier["name"], time=_now())
-            self.journal.append(record)
-            return record
+            return self._append(record)
         if timed:
             self._check_time(split)
         record.update(self._score(merge, split), reused=None, time=_now())
-        self.journal.append(record)
+        self._append(record)
         self._count_failure(record)
         return record
 
@@ -263,7 +274,7 @@ class Run:
                         if record["reused"] is None:
                             evaluations += 1
                             if bar:
-                                bar.set_postfix_str(f"best {self.best_so_far():.4f}", refresh=False)
+                                bar.set_postfix_str(f"best {self.best:.4f}", refresh=False)
                                 bar.update(1)
                     fitnesses.append(-record["objective"] if record["status"] == "ok" else failed_fitness)
                 cma.tell(points, fitnesses)
@@ -315,10 +326,6 @@ class Run:
         return tqdm(total=self.options.budget, initial=done, desc="search", unit="eval", dynamic_ncols=True,
                     mininterval=0.1 if interactive else 30.0,
                     bar_format="{desc}: {n}/{total} evaluations |{bar}| [{elapsed}<{remaining}{postfix}]")
-
-    def best_so_far(self) -> float:
-        ok = [r["objective"] for r in self.journal.of_type("evaluation") if r["split"] == "search" and r["status"] == "ok"]
-        return max(ok, default=float("nan"))
 
     def finish(self) -> Optional[Merge]:
         """Score the winner on the holdout tasks and write it as a mergekit YAML; None if nothing scored."""
