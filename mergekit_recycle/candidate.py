@@ -62,7 +62,7 @@ class ResidentEvaluator:
                  batch_size: int = DEFAULT_BATCH_SIZE):
         self.recipe = recipe
         self.source = source
-        self.model, tokenizer = load_resident_model(pool, recipe.merge.dtype, device)
+        self.model, tokenizer = load_resident_model(pool, recipe.merge.dtype, device, recipe.merge.trust_remote_code)
         self.merger = ResidentMerger(pool, self.model, recipe.merge.dtype, in_memory=in_memory)
         include_defaults = needs_lm_eval_tasks(recipe)
         limits = {task.search: task.limit for task in recipe.tasks if task.limit}

@@ -7,7 +7,7 @@ status (2 for input the user can fix); MERGEKIT_RECYCLE_DEBUG=1 shows the traceb
 import json
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import click
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
@@ -111,6 +111,28 @@ def demo_pool_command(directory: Path, seed: int, size: str, quiet: bool) -> Non
     click.echo(f"recipe: {directory / 'recipe.yaml'} (the pool took {summary.build_seconds:.0f} s to build)")
 
 
+@cli.command("pull")
+@click.argument("recipe_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the commits this run was pinned to (default: the recipe's output.run_dir).")
+def pull_command(recipe_file: Path, run_dir: Optional[Path]) -> None:
+    """Resolve RECIPE_FILE's pool, pin each checkpoint to a commit, download it and check it can be merged.
+
+    Prints one line a checkpoint: its name, repo@revision@sha and folder. Use it to fill the
+    Hugging Face cache before an HF_HUB_OFFLINE=1 run.
+    """
+    from mergekit_recycle.optimize import RunOptions, earlier_pins
+    from mergekit_recycle.pool import resolve_pool
+    from mergekit_recycle.recipe import load_recipe
+
+    recipe = load_recipe(recipe_file)
+    options = RunOptions(run_dir=(run_dir or recipe.output.run_dir).absolute(), budget=1, seed=0, device="cpu")
+    pool = resolve_pool(recipe, recipe_file, pins=earlier_pins(options))
+    for checkpoint in pool.inputs:
+        role = "  (anchor)" if checkpoint == pool.base else ""
+        click.echo(f"{checkpoint.location}\t{checkpoint.name}\t{checkpoint.source}\t{checkpoint.path}{role}")
+
+
 class Duration(click.ParamType):
     """A time span: `90` (seconds), `45s`, `30m`, `2h`, `1h30m`."""
 
@@ -149,10 +171,13 @@ class Duration(click.ParamType):
 @click.option("--restart", is_flag=True, help="Move an earlier run in the run folder aside and start over.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=constants.DEFAULT_BATCH_SIZE, show_default=True,
               help="Requests per forward pass when scoring; raise it where GPU memory allows.")
+@click.option("--push/--no-push", default=None,
+              help="Publish the winner to the Hub (to output.hub_repo, else <you>/<recipe name>). "
+              "Default: push when the recipe sets output.hub_repo. Access is checked before the search.")
 @click.option("--quiet", is_flag=True, help="No progress bar or progress lines (for CI logs).")
 def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optional[int], seed: Optional[int],
                      device: Optional[str], time_budget: Optional[float], restart: bool, batch_size: int,
-                     quiet: bool) -> None:
+                     push: Optional[bool], quiet: bool) -> None:
     """Search the best linear merge of RECIPE_FILE's pool with CMA-ES, then report it against the baselines.
 
     Rerun the same command to continue a run that stopped; raise --budget to search further.
@@ -165,6 +190,11 @@ def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optiona
 
     recipe = load_recipe(recipe_file)
     check_tasks_exist(recipe, recipe_file)
+    destination = None
+    if push or (push is None and recipe.output.hub_repo):
+        from mergekit_recycle.publish import check_push_access
+
+        destination = check_push_access(recipe.output.hub_repo, recipe.output.private, recipe.name)
     options = RunOptions(
         run_dir=(run_dir or recipe.output.run_dir).absolute(),
         budget=budget or recipe.search.budget,
@@ -175,11 +205,53 @@ def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optiona
         batch_size=batch_size,
         started=started,
     )
-    say = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    say = quiet_say(quiet)
     report = optimize(recipe, recipe_file, options, say=say, progress=not quiet)
     click.echo(table(report, splits=("holdout",)))
     click.echo(holdout_summary(report))
     click.echo(f"report: {options.run_dir / 'report.md'}" + (f"; merged model: {options.run_dir / 'merged'}" if "winner" in report else ""))
+    if destination is not None and "winner" in report:
+        from mergekit_recycle.publish import publish
+
+        click.echo(f"published: {publish(options.run_dir, destination, say)}")
+
+
+@cli.command("publish")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--repo", "repo_id", help="The Hub repo, org/name (default: the recipe's output.hub_repo, "
+              "else <you>/<recipe name>).")
+@click.option("--private/--public", default=None, help="Visibility of a repo this creates (default: the recipe's "
+              "output.private, which defaults to private). An existing repo keeps its visibility.")
+@click.option("--quiet", is_flag=True, help="Print only the commit URL.")
+def publish_command(run_dir: Path, repo_id: Optional[str], private: Optional[bool], quiet: bool) -> None:
+    """Push the winner of RUN_DIR to the Hub: the merged model, a model card, the plots, the journal and report.
+
+    Safe to rerun: each run is one commit of the same files.
+    """
+    from mergekit_recycle.publish import check_publishable, check_push_access, publish, publish_defaults
+    from mergekit_recycle.recipe import RepoId
+    from pydantic import TypeAdapter, ValidationError
+
+    if repo_id is not None:
+        try:
+            TypeAdapter(RepoId).validate_python(repo_id)
+        except ValidationError:
+            raise click.BadParameter(f"{repo_id!r} is not a Hub repo id of the form org/name", param_hint="--repo")
+    check_publishable(run_dir)
+    defaults = publish_defaults(run_dir)
+    destination = check_push_access(repo_id or defaults["hub_repo"],
+                                    defaults["private"] if private is None else private, defaults["name"])
+    click.echo(publish(run_dir, destination, quiet_say(quiet)))
+
+
+def quiet_say(quiet: bool) -> Callable[[str], None]:
+    """Where progress lines go: stderr, or nowhere with --quiet (Hub download and upload bars too)."""
+    if not quiet:
+        return lambda line: click.echo(line, err=True)
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    return lambda line: None
 
 
 def holdout_summary(report: dict) -> str:

@@ -165,3 +165,31 @@ class LimitOnGroupError(RecycleError, ValueError):
     def __init__(self, task: str):
         self.task = task
         super().__init__(f"{task!r} is an lm-eval group; a limit applies to single tasks only")
+
+
+class HubAccessError(RecycleError, PermissionError):
+    """The Hub token cannot publish to ``repo_id`` (none, invalid, read-only, another namespace).
+
+    Raised before the search starts, so a long search never ends in a push that cannot happen.
+    """
+
+    exit_code = 2
+
+    def __init__(self, repo_id: str, message: str):
+        self.repo_id = repo_id
+        self.message = message
+        super().__init__(f"cannot publish to {repo_id}: {message}")
+
+
+class PublishError(RecycleError, OSError):
+    """Pushing a run to the Hub failed after retries; the run folder is intact and publishing can be rerun."""
+
+    def __init__(self, run_dir: Union[str, Path], repo_id: str, message: str):
+        self.run_dir = Path(run_dir)
+        self.repo_id = repo_id
+        self.message = message
+        super().__init__(f"{self.run_dir}: pushing to {repo_id} failed: {message}; the run folder is intact: "
+                         f"rerun `mergekit-recycle publish {self.run_dir}` to try again")
+
+    def __str__(self) -> str:
+        return self.args[0]

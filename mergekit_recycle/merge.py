@@ -2,8 +2,9 @@
 
 Preparation is what mergekit-yaml would not do for us: refuse recycle_linear settings
 that cannot merge before any tensor is read, drop zero-weight models so that their
-files are never opened, and resolve local model paths (refusing missing ones, making
-the others absolute so that mergekit's model card does not ask the Hub about them).
+files are never opened, resolve local model paths (refusing missing ones, making
+the others absolute so that mergekit's model card does not ask the Hub about them), and
+fetch Hub references as the pool does, including `hf://repo@sha/subfolder` ones.
 """
 
 import os
@@ -105,6 +106,8 @@ def _looks_local(path: str) -> bool:
 
 
 def _resolve_path(model_path: ModelPath, location: str, config_file: Path) -> ModelPath:
+    if model_path.path.startswith(HF_URL):
+        return _from_hub(model_path, location, config_file)
     local = os.path.expanduser(model_path.path)
     if os.path.isdir(local):
         return model_path.model_copy(update={"path": os.path.abspath(local)})
@@ -112,7 +115,28 @@ def _resolve_path(model_path: ModelPath, location: str, config_file: Path) -> Mo
         raise MergeConfigError(config_file, location, f"not a model directory: {os.path.abspath(local)}")
     if _looks_local(model_path.path):
         raise MergeConfigError(config_file, location, f"no such model directory: {os.path.abspath(local)}")
-    return model_path  # a Hub repo id, left to mergekit
+    return _from_hub(model_path, location, config_file)
+
+
+HF_URL = "hf://"
+
+
+def _from_hub(model_path: ModelPath, location: str, config_file: Path) -> ModelPath:
+    """A Hub reference (`repo[@revision]`, or `hf://repo@revision/subfolder` for a checkpoint folder,
+    which plain mergekit cannot read) fetched as the pool fetches it: safetensors only, into the HF cache."""
+    from mergekit_recycle.hub_pool import fetch_reference
+
+    if model_path.path.startswith(HF_URL):
+        # mergekit split `hf://repo@revision/subfolder` at the `@`: the subfolder sits in the revision.
+        parts = model_path.path[len(HF_URL):].split("/")
+        repo, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
+        revision = model_path.revision
+        if revision and "/" in revision:
+            revision, subfolder = revision.split("/", 1)
+    else:
+        repo, revision, subfolder = model_path.path, model_path.revision, ""
+    checkpoint = fetch_reference(repo, revision or "main", subfolder or None, config_file, location)
+    return ModelPath(path=str(checkpoint.path))
 
 
 def _map_references(value: Any, location: str, change: Callable[[ModelReference, str], ModelReference]) -> Any:

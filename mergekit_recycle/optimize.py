@@ -8,6 +8,7 @@ baselines and proposals already in the journal are replayed, not evaluated again
 RUN_DIR holds:
   journal.jsonl          every evaluation, appended and fsync'ed (see journal.py)
   proposals/NNNNNN.yaml  each proposal as a mergekit YAML, written before it is evaluated
+  recipe.yaml            the recipe as the latest session read it
   winner.yaml            the best merge on the search tasks, as a mergekit YAML
   report.json, report.md, *.png   the report (see report.py)
   merged/                the winner merged to disk by mergekit, with mergekit_config.yml
@@ -40,6 +41,8 @@ from mergekit_recycle.search import CMAES
 
 Record = Dict[str, Any]
 SAMPLE_BYTES = 2**20
+# The recipe as the latest session was given it: what `publish` cards and pushes.
+RECIPE_COPY = "recipe.yaml"
 # Writing the winner to disk reads its checkpoints and writes one; assume at least this rate.
 DISK_BYTES_PER_SECOND = 200 * 2**20
 
@@ -74,7 +77,7 @@ def fingerprint(recipe: Recipe, pool: Pool) -> Dict[str, str]:
         for file in sorted(path.iterdir()):
             if file.suffix == ".json":
                 identity.append([file.name, hashlib.sha256(file.read_bytes()).hexdigest()])
-            elif file.suffix == ".safetensors":
+            elif file.suffix in (".safetensors", ".bin"):
                 size = file.stat().st_size
                 with open(file, "rb") as handle:
                     head = handle.read(SAMPLE_BYTES)
@@ -354,18 +357,41 @@ def open_journal(recipe: Recipe, pool: Pool, options: RunOptions) -> Journal:
     return journal
 
 
-def start_session(journal: Journal, recipe: Recipe, pool: Pool, options: RunOptions) -> None:
+def start_session(journal: Journal, recipe: Recipe, pool: Pool, options: RunOptions, recipe_text: str) -> None:
     """Journal what this run is (once, when it first gets going) and what this session was asked."""
     if not journal.of_type("run"):
+        entries = {f"pool[{i}]": entry for i, entry in enumerate(recipe.pool)}
+        if recipe.base is not None:
+            entries["base"] = recipe.base
         journal.append({
             "type": "run", "version": 1, "recipe": recipe.name, "fingerprint": fingerprint(recipe, pool),
             "started": _now(), "checkpoints": [c.model_dump(mode="json") for c in pool.checkpoints],
             "base": pool.base.model_dump(mode="json") if pool.base else None,
+            # The entries the checkpoints were resolved from: their Hub pins hold while an entry is unchanged.
+            "entries": {location: entry.model_dump(mode="json") for location, entry in entries.items()},
             "tasks": [{"name": t.name, "search": t.search, "holdout": t.holdout, "metric": t.metric, "weight": t.weight}
                       for t in recipe.tasks],
         })
     journal.append({"type": "session", "started": _now(), "budget": options.budget,
                     "time_budget": options.time_budget, "device": options.device})
+    write_atomically(options.run_dir / RECIPE_COPY, recipe_text)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+def earlier_pins(options: RunOptions) -> Dict[str, Any]:
+    """The Hub pins of the run in options.run_dir (none for a new run or --restart)."""
+    from mergekit_recycle.hub_pool import pins_from_run
+
+    path = options.run_dir / JOURNAL
+    if options.restart or not path.is_file():
+        return {}
+    runs = Journal(path, repair=False).of_type("run")
+    return pins_from_run(runs[0] if runs else None)
 
 
 def prepare_run_dir(options: RunOptions, say: Callable[[str], None]) -> None:
@@ -390,7 +416,7 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
 
     recipe = recipe.model_copy(update={"search": recipe.search.model_copy(update={"seed": options.seed,
                                                                                    "budget": options.budget})})
-    pool = resolve_pool(recipe, source)
+    pool = resolve_pool(recipe, source, pins=earlier_pins(options))
     prepare_run_dir(options, say)
     with locked(options.run_dir):
         journal = open_journal(recipe, pool, options)
@@ -402,7 +428,7 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
         if hasattr(candidate_evaluator, "describe"):
             say(candidate_evaluator.describe())
         # Only now, once the pool loaded: a run that could not start leaves no record to be refused by.
-        start_session(journal, recipe, pool, options)
+        start_session(journal, recipe, pool, options, source.read_text(encoding="utf-8"))
         run = Run(recipe, source, pool, options, journal, candidate_evaluator, say, progress)
         stopped_early = False
         try:
@@ -418,11 +444,11 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
         report = build_report(journal.records)
         write_report(options.run_dir, report, journal.records)
         if winner is not None:
-            merge_winner(options.run_dir, device)
+            merge_winner(options.run_dir, device, trust_remote_code=recipe.merge.trust_remote_code)
         return report
 
 
-def merge_winner(run_dir: Path, device: str) -> Path:
+def merge_winner(run_dir: Path, device: str, trust_remote_code: bool = False) -> Path:
     """Merge winner.yaml to RUN_DIR/merged with mergekit (lazy loading; CUDA when the run uses a GPU)."""
     from mergekit.options import MergeOptions
     from transformers.utils import logging as transformers_logging
@@ -439,7 +465,8 @@ def merge_winner(run_dir: Path, device: str) -> Path:
     transformers_logging.set_verbosity_error()  # mergekit's own deprecation warnings are not our user's business
     try:
         merge_yaml(run_dir / "winner.yaml", partial,
-                   MergeOptions(cuda=device.startswith("cuda"), lazy_unpickle=True, copy_tokenizer=True, quiet=True))
+                   MergeOptions(cuda=device.startswith("cuda"), lazy_unpickle=True, copy_tokenizer=True, quiet=True,
+                                trust_remote_code=trust_remote_code))
     finally:
         transformers_logging.set_verbosity(verbosity)
     shutil.rmtree(target, ignore_errors=True)

@@ -1,9 +1,9 @@
 """The pool: recipe entries resolved to checkpoint folders, checked to be mergeable.
 
 Resolution turns each recipe entry into one or more `Checkpoint`s with a readable name
-and a pinned source. Local folders resolve to themselves; Hub entries go through a
-resolver of their own (the Hub issue plugs it in) and must yield the same kind of
-`Checkpoint`, so nothing downstream knows where a checkpoint came from.
+and a pinned source. Local folders resolve to themselves; Hub entries are resolved,
+pinned to commit SHAs and downloaded by hub_pool.py, into the same kind of `Checkpoint`
+(a folder on disk), so nothing downstream knows where a checkpoint came from.
 
 Before anything is evaluated, every checkpoint is checked against the first: the same
 architecture, the same tensor names and the same shapes, read from config.json and the
@@ -12,7 +12,7 @@ safetensors headers (no tensor is loaded).
 
 import json
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
 from pydantic import BaseModel, ConfigDict
@@ -30,7 +30,23 @@ class Checkpoint(BaseModel):
     name: str
     path: Path
     location: str  # the recipe field it came from, e.g. `pool[3]`
-    source: str  # what pins it: a local path, or repo@revision@sha
+    source: str  # what pins it: a local path, or repo@revision@sha[/subfolder]
+    allow_pickle: bool = False
+    # Where a Hub checkpoint comes from; None for a local folder.
+    repo: Optional[str] = None
+    revision: Optional[str] = None
+    subfolder: Optional[str] = None
+    sha: Optional[str] = None
+
+    @property
+    def reference(self) -> str:
+        """How a mergekit YAML names it anywhere: `repo@sha`, `hf://repo@sha/subfolder`
+        (read by `mergekit-recycle merge`), or the local path."""
+        if self.repo is None:
+            return str(self.path)
+        if self.subfolder:
+            return f"hf://{self.repo}@{self.sha}/{self.subfolder}"
+        return f"{self.repo}@{self.sha}"
 
 
 class TensorLayout(BaseModel):
@@ -72,19 +88,13 @@ Resolver = Callable[[PoolEntry, str, Path], List[Checkpoint]]
 
 
 def resolve_local(entry: LocalCheckpoint, location: str, source: Path) -> List[Checkpoint]:
-    return [Checkpoint(name=entry.path.name, path=entry.path, location=location, source=str(entry.path))]
-
-
-def resolve_hub_unavailable(entry: HubCheckpoints, location: str, source: Path) -> List[Checkpoint]:
-    raise PoolError(source, location, entry.repo, "pulling checkpoints from the Hub is not available in this version; "
-                    "download them and list their folders with `path:`")
-
-
-RESOLVERS: Dict[type, Resolver] = {LocalCheckpoint: resolve_local, HubCheckpoints: resolve_hub_unavailable}
+    return [Checkpoint(name=entry.path.name, path=entry.path, location=location, source=str(entry.path),
+                       allow_pickle=entry.allow_pickle)]
 
 
 def _unique_names(checkpoints: List[Checkpoint]) -> List[Checkpoint]:
-    """Folder names are the readable names; where two clash, their parent folders tell them apart."""
+    """Folder names are the readable names; where two clash, their parent folders tell them apart.
+    (Hub names, repo@revision[/subfolder], are unique already.)"""
     counts: Dict[str, int] = {}
     for checkpoint in checkpoints:
         counts[checkpoint.name] = counts.get(checkpoint.name, 0) + 1
@@ -111,26 +121,48 @@ def _read_layout(checkpoint: Checkpoint, source: Path) -> TensorLayout:
         index = ShardedTensorIndex.from_disk(str(checkpoint.path))
     except (RuntimeError, OSError, ValueError) as exc:
         raise refuse(f"no model weights found ({exc})") from None
-    if not index.is_safetensors:
-        raise refuse("has only pickle weights (pytorch_model.bin); convert them to safetensors to merge them")
+    if not index.is_safetensors and not checkpoint.allow_pickle:
+        raise refuse("has only pickle weights (pytorch_model.bin), which can run code when loaded; convert them "
+                     "to safetensors, or set `allow_pickle: true` on its entry if you trust them")
     shapes, dtypes, nbytes = {}, {}, 0
     for shard in index.shards:
-        path = checkpoint.path / shard.filename
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                for key in handle.keys():
-                    sliced = handle.get_slice(key)
-                    shapes[key] = tuple(sliced.get_shape())
-                    dtypes[key] = sliced.get_dtype()
-                    count = 1
-                    for size in shapes[key]:
-                        count *= size
-                    nbytes += count * _DTYPE_BYTES.get(dtypes[key], 4)
+            for key, shape, dtype in _tensor_headers(checkpoint.path / shard.filename, index.is_safetensors):
+                shapes[key], dtypes[key] = shape, dtype
+                count = 1
+                for size in shape:
+                    count *= size
+                nbytes += count * _DTYPE_BYTES.get(dtype, 4)
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
             raise refuse(f"cannot read {shard.filename} ({type(exc).__name__}: {exc})") from None
     return TensorLayout(architecture=architecture, shapes=shapes, dtypes=dtypes, nbytes=nbytes)
 
 
+def _tensor_headers(path: Path, is_safetensors: bool) -> Iterator[Tuple[str, Tuple[int, ...], str]]:
+    """(name, shape, safetensors dtype) of every tensor in a shard, without loading the tensors."""
+    if is_safetensors:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                sliced = handle.get_slice(key)
+                yield key, tuple(sliced.get_shape()), sliced.get_dtype()
+        return
+    import torch
+
+    # weights_only: the allowed pickle is still read with torch's restricted unpickler; mmap: no tensor is read.
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for key, tensor in state.items():
+        yield key, tuple(tensor.shape), _SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype))
+
+
+def _safetensors_dtypes() -> Dict[Any, str]:
+    import torch
+
+    return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+            torch.bool: "BOOL"}
+
+
+_SAFETENSORS_DTYPES = _safetensors_dtypes()
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -164,12 +196,26 @@ def _describe(layout: TensorLayout, tensor: str) -> str:
     return f"shape {list(layout.shapes[tensor])}" if tensor in layout.shapes else "no such tensor"
 
 
-def resolve_pool(recipe: Recipe, source: Path, resolvers: Optional[Dict[type, Resolver]] = None) -> Pool:
-    """Resolve every pool entry (and the anchor) to checkpoints, and check they can be merged."""
-    resolvers = {**RESOLVERS, **(resolvers or {})}
+def resolve_pool(recipe: Recipe, source: Path, pins: Optional[Mapping[str, Any]] = None,
+                 resolvers: Optional[Dict[type, Resolver]] = None) -> Pool:
+    """Resolve every pool entry (and the anchor) to checkpoints, and check they can be merged.
+
+    `pins` (hub_pool.pins_from_run of an earlier session) keep each unchanged Hub entry on
+    the commits it was first resolved to.
+    """
+    from mergekit_recycle.hub_pool import HubResolver
+
+    hub_resolver = HubResolver(pins=pins or {}, trust_remote_code=recipe.merge.trust_remote_code)
+    resolvers = {LocalCheckpoint: resolve_local, HubCheckpoints: hub_resolver, **(resolvers or {})}
     checkpoints: List[Checkpoint] = []
     for index, entry in enumerate(recipe.pool):
-        checkpoints += resolvers[type(entry)](entry, f"pool[{index}]", source)
+        resolved = resolvers[type(entry)](entry, f"pool[{index}]", source)
+        for checkpoint in resolved:
+            twin = next((c for c in checkpoints if c.repo and c.name == checkpoint.name), None)
+            if twin is not None:
+                raise PoolError(source, checkpoint.location, checkpoint.name,
+                                f"is also resolved by {twin.location}; a checkpoint may be listed once")
+        checkpoints += resolved
     base = resolvers[type(recipe.base)](recipe.base, "base", source) if recipe.base is not None else []
     if len(base) > 1:
         raise PoolError(source, "base", recipe.base.label, f"resolves to {len(base)} checkpoints; the anchor must be one")

@@ -74,6 +74,7 @@ class LocalCheckpoint(Frozen):
     """A checkpoint directory on disk (config.json plus weights)."""
 
     path: Path
+    allow_pickle: StrictBool = False
 
     @field_validator("path")
     @classmethod
@@ -92,19 +93,22 @@ class LocalCheckpoint(Frozen):
         return str(self.path)
 
     def describe(self) -> str:
-        return f"local  {self.path}"
+        return f"local  {self.path}" + ("  (pickle weights allowed)" if self.allow_pickle else "")
 
 
 class HubCheckpoints(Frozen):
     """Checkpoints in a Hub repo: one per matching revision and subfolder.
 
-    Revisions and subfolders may be glob patterns; they are resolved against the
-    repo's refs and tree, then pinned to commit SHAs, when the pool is pulled.
+    Revisions are branch or tag names, commit SHAs, or glob patterns over the repo's
+    branches and tags; subfolders are folder paths, or glob patterns over the folders
+    that hold a config.json. Each match is pinned to its commit SHA when the pool is pulled.
     """
 
     repo: RepoId
     revisions: Tuple[NonEmpty, ...] = Field(default=("main",), min_length=1)
     subfolders: Optional[Tuple[NonEmpty, ...]] = Field(default=None, min_length=1)
+    # Pickle weights (*.bin, *.pt) can run code when loaded: only where the recipe's author says so.
+    allow_pickle: StrictBool = False
 
     @field_validator("revisions", "subfolders")
     @classmethod
@@ -127,6 +131,8 @@ class HubCheckpoints(Frozen):
         text = f"hub    {self.repo}  revisions={list(self.revisions)}"
         if self.subfolders:
             text += f"  subfolders={list(self.subfolders)}"
+        if self.allow_pickle:
+            text += "  (pickle weights allowed)"
         return text + "  (resolved and pinned to commit SHAs when the pool is pulled)"
 
 
@@ -205,6 +211,8 @@ class SearchSettings(Frozen):
 class MergeSettings(Frozen):
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
     device: Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    # Code shipped with a checkpoint runs only where the recipe's author says so.
+    trust_remote_code: StrictBool = False
 
 
 class OutputSettings(Frozen):
@@ -308,7 +316,8 @@ def describe_recipe(recipe: Recipe, source: Optional[Path] = None) -> str:
         f"search   CMA-ES: budget={search.budget} evaluations, population={population}, "
         f"sigma0={search.sigma0:g}, seed={search.seed}, scale={scale}"
     )
-    lines.append(f"merge    recycle_linear, dtype={recipe.merge.dtype}, device={recipe.merge.device}")
+    lines.append(f"merge    recycle_linear, dtype={recipe.merge.dtype}, device={recipe.merge.device}"
+                 + (", trust_remote_code=true" if recipe.merge.trust_remote_code else ""))
     output = recipe.output
     hub = output.hub_repo or "none (not published)"
     lines.append(f"output   run_dir={output.run_dir}, hub_repo={hub}, private={str(output.private).lower()}")

@@ -54,7 +54,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_resident_model(pool: Pool, dtype: str, device: str):
+def load_resident_model(pool: Pool, dtype: str, device: str, trust_remote_code: bool = False):
     """The model every candidate is merged into (built from the first checkpoint) and the tokenizer
     (the first checkpoint's, else the first other checkpoint that has one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,13 +63,14 @@ def load_resident_model(pool: Pool, dtype: str, device: str):
     transformers_logging.disable_progress_bar()
     first = pool.checkpoints[0]
     try:
-        model = AutoModelForCausalLM.from_pretrained(first.path, dtype=TORCH_DTYPES[dtype]).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(first.path, dtype=TORCH_DTYPES[dtype],
+                                                     trust_remote_code=trust_remote_code).to(device).eval()
     except (OSError, ValueError) as exc:
         raise PoolError(pool.source, first.location, str(first.path), f"transformers cannot load it ({exc})") from None
     model.requires_grad_(False)
     for checkpoint in pool.inputs:
         try:
-            return model, AutoTokenizer.from_pretrained(checkpoint.path)
+            return model, AutoTokenizer.from_pretrained(checkpoint.path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError):
             continue
     raise PoolError(pool.source, first.location, str(first.path),

@@ -73,3 +73,54 @@ def run_cli(*args: str, env: Dict[str, str] = None, cwd: Path = None) -> subproc
 
 def lines(text: str) -> List[str]:
     return [line for line in text.splitlines() if line.strip()]
+
+
+def _refuse_non_loopback(request) -> None:
+    """Fail loudly on any request that would leave 127.0.0.1 (e.g. the client's agent-registry fetch)."""
+    if request.url.host != "127.0.0.1":
+        raise RuntimeError(f"test tried to reach {request.url}")
+
+
+def _loopback_only_client():
+    from huggingface_hub.utils import _http
+
+    client = _http.default_client_factory()
+    hooks = client.event_hooks
+    client.event_hooks = {"request": [_refuse_non_loopback, *hooks["request"]], "response": hooks["response"]}
+    return client
+
+
+@pytest.fixture
+def online_hf(monkeypatch, tmp_path):
+    """huggingface_hub in this process, online (conftest sets HF_HUB_OFFLINE=1 for everything else) but
+    only to 127.0.0.1, with its own cache and no stored token. Call the result with a server URL to make
+    it the endpoint (ModelCard.load and the agent registry ignore `endpoint=` arguments)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _detect_agent, _http
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(variable, raising=False)
+    home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    for name, value in {
+        "HF_HOME": home,
+        "HF_HUB_CACHE": home / "hub",
+        "HF_XET_CACHE": home / "xet",
+        "HF_TOKEN_PATH": home / "token",
+        "HF_STORED_TOKENS_PATH": home / "stored_tokens",
+        "AGENT_HARNESSES_PATH": home / "agent_harnesses.json",
+    }.items():
+        monkeypatch.setattr(constants, name, str(value))
+    monkeypatch.setattr(_detect_agent, "_registry", _detect_agent._EMPTY_REGISTRY)
+    previous_factory = _http._GLOBAL_CLIENT_FACTORY
+    _http.set_client_factory(_loopback_only_client)
+
+    def point_at(url: str) -> None:
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+
+    try:
+        yield point_at
+    finally:
+        _http.set_client_factory(previous_factory)

@@ -1,0 +1,232 @@
+"""The pool's Hub entries: revisions and subfolders resolved, pinned to commit SHAs, downloaded.
+
+A `repo:` entry names revisions (branches, tags, SHAs, or globs over the branches and tags)
+and, optionally, subfolders (paths, or globs over the folders that hold a config.json). Each
+match becomes one checkpoint named `repo@revision[/subfolder]` and pinned to the commit its
+revision pointed at. The pins are journaled with the run, so a resumed run (or one with
+HF_HUB_OFFLINE=1, from the cache alone) merges exactly the commits the run started with,
+even if a branch has moved since.
+"""
+
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from mergekit_recycle import hub
+from mergekit_recycle.errors import PoolError
+from mergekit_recycle.pool import Checkpoint
+from mergekit_recycle.recipe import HubCheckpoints
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """What an earlier session of the run resolved an entry to."""
+
+    entry: Dict[str, Any]  # the entry as the recipe gave it (pins apply only while it is unchanged)
+    checkpoints: Tuple[Checkpoint, ...]
+
+
+def pins_from_run(run: Optional[Dict[str, Any]]) -> Dict[str, Pinned]:
+    """The pins a journal's `run` record holds, by recipe location (`pool[0]`, `base`)."""
+    if not run or "entries" not in run:
+        return {}
+    checkpoints = [Checkpoint.model_validate(c) for c in run["checkpoints"] + ([run["base"]] if run.get("base") else [])]
+    return {location: Pinned(entry, tuple(c for c in checkpoints if c.location == location and c.sha))
+            for location, entry in run["entries"].items()}
+
+
+@dataclass
+class HubResolver:
+    """Resolves `repo:` entries; `pins` (from an earlier session) take precedence over the Hub."""
+
+    pins: Mapping[str, Pinned] = field(default_factory=dict)
+    trust_remote_code: bool = False
+    _trees: Dict[Tuple[str, str], List[str]] = field(default_factory=dict)
+
+    def __call__(self, entry: HubCheckpoints, location: str, source: Path) -> List[Checkpoint]:
+        def refuse(message: str, at: Optional[str] = None) -> PoolError:
+            return PoolError(source, location, at or entry.repo, message)
+
+        pinned = self.pins.get(location)
+        if pinned is not None and pinned.checkpoints and pinned.entry == entry.model_dump(mode="json"):
+            return [self._fetch(entry, checkpoint, refuse) for checkpoint in pinned.checkpoints]
+        if hub.offline():
+            matches = self._resolve_from_cache(entry, refuse)
+        else:
+            matches = self._resolve_online(entry, refuse)
+        checkpoints = [Checkpoint(name=_name(entry.repo, revision, folder), path=Path("."), location=location,
+                                  source=_source(entry.repo, revision, sha, folder), repo=entry.repo,
+                                  revision=revision, subfolder=folder or None, sha=sha,
+                                  allow_pickle=entry.allow_pickle)
+                       for revision, sha, folder in matches]
+        return [self._fetch(entry, checkpoint, refuse) for checkpoint in checkpoints]
+
+    # -- which commits and folders ---------------------------------------------------------
+
+    def _resolve_online(self, entry: HubCheckpoints, refuse) -> List[Tuple[str, str, str]]:
+        client = hub.api()
+        refs: Optional[Dict[str, str]] = None
+
+        def all_refs() -> Dict[str, str]:
+            nonlocal refs
+            if refs is None:
+                listed = self._call(lambda: client.list_repo_refs(entry.repo), entry, refuse)
+                refs = {ref.name: ref.target_commit for ref in list(listed.branches) + list(listed.tags)}
+            return refs
+
+        revisions: List[Tuple[str, str]] = []
+        for pattern in entry.revisions:
+            if hub.is_glob(pattern):
+                names = hub.matching(all_refs(), pattern)
+                if not names:
+                    raise refuse(f"revision pattern {pattern!r} matches no branch or tag "
+                                 f"(the repo has: {_listing(all_refs())})")
+                revisions += [(name, all_refs()[name]) for name in names]
+            else:
+                try:
+                    info = client.model_info(entry.repo, revision=pattern)
+                except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
+                    raise refuse(self._revision_failure(exc, entry, pattern, all_refs)) from None
+                revisions.append((pattern, info.sha))
+        matches = []
+        for revision, sha in _unique(revisions):
+            folders = _checkpoint_folders(self._tree(entry, sha, refuse))
+            matches += [(revision, sha, folder) for folder in self._folders(entry, revision, folders, refuse)]
+        return matches
+
+    def _resolve_from_cache(self, entry: HubCheckpoints, refuse) -> List[Tuple[str, str, str]]:
+        """Offline without pins: exact revisions and subfolders only, found in the HF cache."""
+        globs = [p for p in entry.revisions + (entry.subfolders or ()) if hub.is_glob(p)]
+        if globs:
+            raise refuse(f"HF_HUB_OFFLINE=1 is set and {globs[0]!r} is a pattern: offline, patterns resolve only "
+                         "through the pins of an earlier run in the same run folder; run once online, or list "
+                         "exact revisions and subfolders")
+        matches = []
+        for revision in entry.revisions:
+            try:
+                sha = hub.cached_snapshot(entry.repo, revision).name
+            except Exception as exc:  # noqa: BLE001
+                raise refuse(hub.failure(exc, entry.repo, revision)) from None
+            matches += [(revision, sha, folder) for folder in (entry.subfolders or ("",))]
+        return matches
+
+    def _revision_failure(self, exc: Exception, entry: HubCheckpoints, revision: str, all_refs) -> str:
+        from huggingface_hub.errors import RevisionNotFoundError
+
+        message = hub.failure(exc, entry.repo, revision)
+        if isinstance(exc, RevisionNotFoundError):
+            try:
+                message += f" (the repo has: {_listing(all_refs())})"
+            except PoolError:
+                pass
+        return message
+
+    def _tree(self, entry: HubCheckpoints, sha: str, refuse) -> List[str]:
+        """Every file path of the repo at a commit (a commit never changes, so it is listed once)."""
+        from huggingface_hub.hf_api import RepoFile
+
+        key = (entry.repo, sha)
+        if key not in self._trees:
+            listing = self._call(lambda: list(hub.api().list_repo_tree(entry.repo, revision=sha, recursive=True)),
+                                 entry, refuse, sha)
+            self._trees[key] = [item.path for item in listing if isinstance(item, RepoFile)]
+        return self._trees[key]
+
+    def _folders(self, entry: HubCheckpoints, revision: str, folders: List[str], refuse) -> List[str]:
+        at = f"{entry.repo}@{revision}"
+        if entry.subfolders is None:
+            if "" not in folders:
+                hint = f"; its checkpoint folders are {_listing(folders)}: list them under subfolders" if folders else ""
+                raise refuse(f"{at} has no config.json at its root{hint}", at)
+            return [""]
+        chosen: List[str] = []
+        for pattern in entry.subfolders:
+            pattern = pattern.strip("/")
+            names = hub.matching(folders, pattern) if hub.is_glob(pattern) else [pattern] if pattern in folders else []
+            if not names:
+                kind = "subfolder pattern" if hub.is_glob(pattern) else "subfolder"
+                raise refuse(f"{kind} {pattern!r} matches no folder with a config.json in {at} "
+                             f"(folders with one: {_listing([f or '.' for f in folders])})", at)
+            chosen += [name for name in names if name not in chosen]
+        return chosen
+
+    # -- the files -----------------------------------------------------------------------
+
+    def _fetch(self, entry: HubCheckpoints, checkpoint: Checkpoint, refuse) -> Checkpoint:
+        """The checkpoint with `path` set: its folder in the HF cache, downloaded when online."""
+        folder = checkpoint.subfolder or ""
+        if hub.offline():
+            try:
+                snapshot = hub.cached_snapshot(checkpoint.repo, checkpoint.sha)
+            except Exception as exc:  # noqa: BLE001
+                raise refuse(hub.failure(exc, checkpoint.repo, checkpoint.sha), checkpoint.name) from None
+            path = snapshot / folder
+            if not (path / "config.json").is_file():
+                raise refuse(f"{checkpoint.source} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 is set: "
+                             "run once online", checkpoint.name)
+        else:
+            files = self._files(entry, checkpoint, refuse)
+            snapshot = self._call(lambda: hub.download(checkpoint.repo, checkpoint.revision, checkpoint.sha, files), entry, refuse,
+                                  checkpoint.sha)
+            path = snapshot / folder
+        return checkpoint.model_copy(update={"path": path})
+
+    def _files(self, entry: HubCheckpoints, checkpoint: Checkpoint, refuse) -> List[str]:
+        folder = checkpoint.subfolder or ""
+        names = [posixpath.basename(p) for p in self._tree(entry, checkpoint.sha, refuse)
+                 if posixpath.dirname(p) == folder]
+        weights = [n for n in names if hub.SAFETENSORS_FILE.match(n)]
+        if not weights:
+            pickles = [n for n in names if hub.PICKLE_FILE.match(n)]
+            if pickles and not entry.allow_pickle:
+                raise refuse(f"has only pickle weights ({', '.join(pickles[:3])}), which can run code when loaded; "
+                             "set `allow_pickle: true` on this entry if you trust it", checkpoint.name)
+            weights = pickles + [n for n in names if n == "pytorch_model.bin.index.json"]
+        if not weights:
+            raise refuse("has no model weights (model.safetensors or pytorch_model.bin)", checkpoint.name)
+        support = [n for n in names if hub.SUPPORT_FILE.match(n)
+                   or (self.trust_remote_code and hub.REMOTE_CODE_FILE.match(n))]
+        return [posixpath.join(folder, n) for n in _unique(weights + support)]
+
+    def _call(self, call, entry: HubCheckpoints, refuse, revision: Optional[str] = None):
+        try:
+            return call()
+        except PoolError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line naming the entry
+            raise refuse(hub.failure(exc, entry.repo, revision)) from None
+
+
+def _checkpoint_folders(paths: List[str]) -> List[str]:
+    """Folders (`""` for the root) that hold a config.json."""
+    return sorted({posixpath.dirname(p) for p in paths if posixpath.basename(p) == "config.json"}, key=hub.natural_key)
+
+
+def _name(repo: str, revision: str, folder: str) -> str:
+    return f"{repo}@{revision}" + (f"/{folder}" if folder else "")
+
+
+def _source(repo: str, revision: str, sha: str, folder: str) -> str:
+    return f"{repo}@{revision}@{sha}" + (f"/{folder}" if folder else "")
+
+
+def _unique(items: List) -> List:
+    return list(dict.fromkeys(items))
+
+
+def _listing(names, shown: int = 8) -> str:
+    names = sorted(names, key=hub.natural_key)
+    text = ", ".join(names[:shown]) or "nothing"
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def fetch_reference(repo: str, revision: str, subfolder: Optional[str], source: Path, location: str) -> Checkpoint:
+    """One checkpoint named the way a mergekit YAML names it (see Checkpoint.reference), fetched."""
+    from pydantic import ValidationError
+
+    try:
+        entry = HubCheckpoints(repo=repo, revisions=(revision,), subfolders=(subfolder,) if subfolder else None)
+    except ValidationError as exc:
+        raise PoolError(source, location, repo, exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+    return HubResolver()(entry, location, source)[0]

@@ -1,0 +1,212 @@
+"""Publishing a run's winner to the Hub: one commit with the merged model, its model card, the
+plots, and the journal and report under `recycle/`.
+
+Access is checked before the search starts (`check_push_access`), so that hours of search
+never end in a push that cannot happen. The push itself (`publish`) reads only the run
+folder, so `mergekit-recycle publish RUN_DIR` can be rerun after a failure, or later.
+The token is huggingface_hub's (HF_TOKEN or `hf auth login`); nothing here writes it anywhere.
+"""
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import yaml
+
+from mergekit_recycle import hub
+from mergekit_recycle.errors import HubAccessError, PublishError, RunDirError
+from mergekit_recycle.journal import JOURNAL, Journal
+from mergekit_recycle.pool import Checkpoint
+
+STAGING = "hub-upload"
+PLOTS = ("progress.png", "tasks.png", "weights.png")
+# Files an earlier publish may have left that this one replaces (a winner with fewer shards, say).
+STALE = ["*.safetensors", "*.bin", "recycle/*", "*.png"]
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A Hub repo the token was checked to write to."""
+
+    repo_id: str
+    private: bool
+    user: str
+
+
+def check_push_access(repo_id: Optional[str], private: bool, default_name: str) -> Destination:
+    """Check the token can write and create the repo (or find it), before any work is done.
+
+    `repo_id` None means `<user>/<default_name>`.
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+
+    target = repo_id or f"<you>/{default_name}"
+    if hub.offline():
+        raise HubAccessError(target, "HF_HUB_OFFLINE=1 is set; unset it to publish, or publish later with "
+                             "`mergekit-recycle publish RUN_DIR`")
+    if not hub.has_token():
+        raise HubAccessError(target, "no Hub token: set HF_TOKEN to a token with write access, or run `hf auth login`")
+    client = hub.api()
+    try:
+        who = client.whoami()
+    except HfHubHTTPError as exc:
+        if exc.response is not None and exc.response.status_code == 401:
+            raise HubAccessError(target, "the Hub token is invalid or expired; set HF_TOKEN to a valid token "
+                                 "with write access") from None
+        raise HubAccessError(target, hub.failure(exc, target)) from None
+    except Exception as exc:  # noqa: BLE001 - unreachable Hub and the like: one line
+        raise HubAccessError(target, hub.failure(exc, target)) from None
+    user = who["name"]
+    target = repo_id or f"{user}/{default_name}"
+    role = who.get("auth", {}).get("accessToken", {}).get("role")
+    if role == "read":
+        raise HubAccessError(target, f"the Hub token of {user} is read-only; create one with write access at "
+                             f"{hub.endpoint()}/settings/tokens and set HF_TOKEN to it")
+    namespace = target.split("/")[0]
+    orgs = [org["name"] for org in who.get("orgs", [])]
+    if namespace != user and namespace not in orgs:
+        raise HubAccessError(target, f"the token of {user} can write to {', '.join([user] + orgs)}, not {namespace}")
+    try:
+        client.create_repo(target, private=private, exist_ok=True)
+    except Exception as exc:  # noqa: BLE001
+        raise HubAccessError(target, hub.failure(exc, target)) from None
+    return Destination(repo_id=target, private=private, user=user)
+
+
+def publish_defaults(run_dir: Path) -> Dict[str, Any]:
+    """hub_repo, private and name, as the run's recipe gave them (recipe.yaml, copied into the run)."""
+    from mergekit_recycle.optimize import RECIPE_COPY
+
+    defaults: Dict[str, Any] = {"hub_repo": None, "private": True, "name": None}
+    copy = run_dir / RECIPE_COPY
+    if copy.is_file():
+        data = yaml.safe_load(copy.read_text(encoding="utf-8")) or {}
+        output = data.get("output") or {}
+        defaults.update(hub_repo=output.get("hub_repo"), private=output.get("private", True), name=data.get("name"))
+    if defaults["name"] is None:
+        defaults["name"] = _run_record(run_dir)["recipe"]
+    return defaults
+
+
+def publish(run_dir: Path, destination: Destination, say: Callable[[str], None] = lambda line: None) -> str:
+    """Push the run's winner to destination.repo_id in one commit; the commit's URL."""
+    from mergekit_recycle.optimize import locked
+
+    with locked(run_dir):
+        staging = stage(run_dir, destination.repo_id)
+        try:
+            say(f"pushing {_size(staging)} to {destination.repo_id}")
+            commit = _upload(staging, run_dir, destination.repo_id)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        Journal(run_dir / JOURNAL).append({
+            "type": "publish", "repo": destination.repo_id, "commit": commit.oid, "url": commit.commit_url,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    return commit.commit_url
+
+
+def check_publishable(run_dir: Path) -> None:
+    """Refuse a run folder without a finished winner, before the Hub is asked anything."""
+    _run_record(run_dir)
+    written = run_dir / "merged" / "mergekit_config.yml"
+    if not written.is_file() or not (run_dir / "report.json").is_file():
+        raise RunDirError(run_dir, "has no merged model (merged/): let `mergekit-recycle optimize` finish first")
+    winner = run_dir / "winner.yaml"
+    if not winner.is_file() or winner.read_text(encoding="utf-8") != written.read_text(encoding="utf-8"):
+        raise RunDirError(run_dir, "merged/ is not the current winner (winner.yaml): rerun `mergekit-recycle "
+                          "optimize` with the same recipe and run folder to finish the run first")
+
+
+def stage(run_dir: Path, repo_id: str) -> Path:
+    """RUN_DIR/hub-upload: the repo's content, as hard links where possible (nothing large is copied)."""
+    from mergekit_recycle.model_card import build_model_card
+    from mergekit_recycle.optimize import RECIPE_COPY
+
+    check_publishable(run_dir)
+    merged, winner = run_dir / "merged", run_dir / "winner.yaml"
+    report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+    run = _run_record(run_dir)
+    recipe_path = run_dir / RECIPE_COPY
+    recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else ""
+
+    staging = run_dir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "recycle").mkdir(parents=True)
+    for file in merged.iterdir():
+        if file.is_file() and file.name not in ("README.md", "mergekit_config.yml"):
+            _link(file, staging / file.name)
+    for name in PLOTS:
+        if (run_dir / name).is_file():
+            _link(run_dir / name, staging / name)
+    (staging / "mergekit_config.yml").write_text(portable_config(winner, run), encoding="utf-8")
+    _link(run_dir / "report.json", staging / "recycle" / "report.json")
+    records = Journal(run_dir / JOURNAL, repair=False).records
+    (staging / "recycle" / "journal.json").write_text(json.dumps(export_journal(records), indent=1), encoding="utf-8")
+    if recipe_text:
+        (staging / "recycle" / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
+    build_model_card(report, run, recipe_text, repo_id).save(staging / "README.md")
+    return staging
+
+
+def portable_config(winner: Path, run: Dict[str, Any]) -> str:
+    """winner.yaml with each checkpoint named by its pinned Hub commit instead of this machine's path."""
+    config = yaml.safe_load(winner.read_text(encoding="utf-8"))
+    checkpoints = [Checkpoint.model_validate(c) for c in run["checkpoints"]]
+    for model, checkpoint in zip(config["models"], checkpoints):
+        model["model"] = checkpoint.reference
+    if run.get("base") and "base_model" in config:
+        config["base_model"] = Checkpoint.model_validate(run["base"]).reference
+    title = winner.read_text(encoding="utf-8").splitlines()[0]
+    return (f"{title}\n# Reproduce: mergekit-recycle merge mergekit_config.yml OUT_DIR\n"
+            + yaml.safe_dump(config, sort_keys=False))
+
+
+def export_journal(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The journal as published: without this machine's checkpoint paths."""
+
+    def public(checkpoint: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+        return checkpoint and {key: value for key, value in checkpoint.items() if key != "path"}
+
+    exported = []
+    for record in records:
+        if record.get("type") == "run":
+            record = {**record, "checkpoints": [public(c) for c in record["checkpoints"]], "base": public(record.get("base"))}
+        exported.append(record)
+    return exported
+
+
+def _upload(staging: Path, run_dir: Path, repo_id: str):
+    """One commit of the staging folder (huggingface_hub retries a commit the Hub fails with 5xx)."""
+    report = json.loads((staging / "recycle" / "report.json").read_text(encoding="utf-8"))
+    message = f"mergekit-recycle: the winner of {report['recipe']} ({report['evaluations']} evaluations)"
+    try:
+        return hub.api().upload_folder(repo_id=repo_id, folder_path=staging, commit_message=message,
+                                       delete_patterns=STALE)
+    except Exception as exc:  # noqa: BLE001 - every failure ends as one line, the run folder untouched
+        raise PublishError(run_dir, repo_id, hub.failure(exc, repo_id)) from None
+
+
+def _run_record(run_dir: Path) -> Dict[str, Any]:
+    path = run_dir / JOURNAL
+    if not path.is_file():
+        raise RunDirError(run_dir, f"no {JOURNAL} here: not a mergekit-recycle run folder")
+    runs = Journal(path, repair=False).of_type("run")
+    if not runs:
+        raise RunDirError(run_dir, "the run never got going: nothing to publish")
+    return runs[0]
+
+
+def _link(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _size(folder: Path) -> str:
+    total = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return f"{total / 2**20:.1f} MiB"
