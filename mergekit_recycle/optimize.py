@@ -87,7 +87,9 @@ def fingerprint(recipe: Recipe, pool: Pool) -> Dict[str, str]:
         return identity
 
     parts = {
-        "pool": [[c.name, c.source, files(c.path)] for c in pool.inputs] + [pool.base.name if pool.base else None],
+        # A Hub checkpoint's commit SHA names its content already: its files need not be read.
+        "pool": [[c.name, c.source, files(c.path) if c.sha is None else None] for c in pool.inputs]
+                + [pool.base.name if pool.base else None],
         "tasks": [task.model_dump(mode="json") for task in recipe.tasks] + [[str(p) for p in recipe.task_paths]],
         "search": recipe.search.model_dump(mode="json", exclude={"budget"}),
         "merge": recipe.merge.dtype,
