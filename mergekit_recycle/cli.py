@@ -210,10 +210,13 @@ def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optiona
     click.echo(table(report, splits=("holdout",)))
     click.echo(holdout_summary(report))
     click.echo(f"report: {options.run_dir / 'report.md'}" + (f"; merged model: {options.run_dir / 'merged'}" if "winner" in report else ""))
-    if destination is not None and "winner" in report:
+    if destination is not None:
         from mergekit_recycle.publish import publish
 
-        click.echo(f"published: {publish(options.run_dir, destination, say)}")
+        if "winner" not in report:
+            click.echo(f"nothing published to {destination.repo_id}: no merge was scored", err=True)
+        else:
+            click.echo(f"published: {publish(options.run_dir, destination, say)}")
 
 
 @cli.command("publish")

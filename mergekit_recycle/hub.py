@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional
 
 # The files of a checkpoint folder that a merge needs, besides its weights.
-SUPPORT_FILE = re.compile(
-    r"(.*\.json|tokenizer\.model|.*\.tiktoken|merges\.txt|vocab\.txt|.*\.jinja)$"
-)
+SUPPORT_FILE = re.compile(r"(.*\.json|.*\.model|tokenizer\.model\.v\d+|.*\.tiktoken|merges\.txt|vocab\.txt|.*\.jinja)$")
 REMOTE_CODE_FILE = re.compile(r".*\.py$")
 SAFETENSORS_FILE = re.compile(r".*\.safetensors$")
 # The pickle weights transformers and mergekit read (not a trainer's optimizer.pt or rng_state.pth).
@@ -50,25 +48,35 @@ def natural_key(text: str) -> List:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
 
 
-def matching(names: Iterable[str], pattern: str) -> List[str]:
-    return sorted({name for name in names if fnmatchcase(name, pattern)}, key=natural_key)
+def matching(names: Iterable[str], pattern: str, paths: bool = False) -> List[str]:
+    """The names a glob matches, in natural order. Over `paths`, `*` stays within one folder level
+    (`checkpoint-*` is not `checkpoint-100/ema`) and the root (`""`) is never matched."""
+    parts = pattern.split("/")
+
+    def matches(name: str) -> bool:
+        if not paths:
+            return fnmatchcase(name, pattern)
+        names = name.split("/")
+        return bool(name) and len(names) == len(parts) and all(map(fnmatchcase, names, parts))
+
+    return sorted({name for name in names if matches(name)}, key=natural_key)
 
 
-def _exact(path: str) -> str:
+def exact_pattern(path: str) -> str:
     """A path as an allow_patterns entry that matches only itself."""
     return re.sub(r"([*?\[])", r"[\1]", path)
 
 
-def download(repo: str, revision: str, sha: str, files: List[str]) -> Path:
+def download(repo: str, sha: str, files: List[str], revision: Optional[str] = None) -> Path:
     """Fetch these files of a pinned commit into the HF cache; the snapshot folder they lie in.
 
-    The branch or tag name the commit was resolved from is cached too (as huggingface_hub caches
-    it), so that an offline run finds `repo@revision` without the network.
+    `revision`, the branch or tag the commit was just resolved from, is cached as pointing at it
+    (as huggingface_hub caches it), so that an offline run finds `repo@revision` without the network.
     """
     from huggingface_hub import snapshot_download
 
-    snapshot = Path(snapshot_download(repo, revision=sha, allow_patterns=[_exact(f) for f in files], endpoint=endpoint()))
-    if revision != sha:
+    snapshot = Path(snapshot_download(repo, revision=sha, allow_patterns=[exact_pattern(f) for f in files], endpoint=endpoint()))
+    if revision is not None and revision != sha:
         ref = _storage(repo) / "refs" / revision
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(sha)

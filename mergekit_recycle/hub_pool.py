@@ -8,6 +8,7 @@ HF_HUB_OFFLINE=1, from the cache alone) merges exactly the commits the run start
 even if a branch has moved since.
 """
 
+import json
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from mergekit_recycle import hub
 from mergekit_recycle.errors import PoolError
 from mergekit_recycle.pool import Checkpoint
 from mergekit_recycle.recipe import HubCheckpoints
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,14 @@ def pins_from_run(run: Optional[Dict[str, Any]]) -> Dict[str, Pinned]:
     """The pins a journal's `run` record holds, by recipe location (`pool[0]`, `base`)."""
     if not run or "entries" not in run:
         return {}
-    checkpoints = [Checkpoint.model_validate(c) for c in run["checkpoints"] + ([run["base"]] if run.get("base") else [])]
-    return {location: Pinned(entry, tuple(c for c in checkpoints if c.location == location and c.sha))
+    checkpoints = [Checkpoint.model_validate(c) for c in run["checkpoints"]]
+    pins = {location: Pinned(entry, tuple(c for c in checkpoints if c.location == location and c.sha))
             for location, entry in run["entries"].items()}
+    if run.get("base") and "base" in pins:
+        # An anchor that is also a pool member was journaled under the member's location.
+        base = Checkpoint.model_validate(run["base"]).model_copy(update={"location": "base"})
+        pins["base"] = Pinned(pins["base"].entry, (base,) if base.sha else ())
+    return pins
 
 
 @dataclass
@@ -42,6 +50,7 @@ class HubResolver:
 
     pins: Mapping[str, Pinned] = field(default_factory=dict)
     trust_remote_code: bool = False
+    pickle_hint: str = "set `allow_pickle: true` on this entry if you trust it"
     _trees: Dict[Tuple[str, str], List[str]] = field(default_factory=dict)
 
     def __call__(self, entry: HubCheckpoints, location: str, source: Path) -> List[Checkpoint]:
@@ -50,16 +59,18 @@ class HubResolver:
 
         pinned = self.pins.get(location)
         if pinned is not None and pinned.checkpoints and pinned.entry == entry.model_dump(mode="json"):
-            return [self._fetch(entry, checkpoint, refuse) for checkpoint in pinned.checkpoints]
+            return [self._fetch(entry, checkpoint, refuse, pinned=True) for checkpoint in pinned.checkpoints]
         if hub.offline():
             matches = self._resolve_from_cache(entry, refuse)
         else:
             matches = self._resolve_online(entry, refuse)
+        # A glob can match a branch and a tag at one commit: the same weights, merged once.
+        unique = {(sha, folder): (revision, sha, folder) for revision, sha, folder in reversed(matches)}
         checkpoints = [Checkpoint(name=_name(entry.repo, revision, folder), path=Path("."), location=location,
                                   source=_source(entry.repo, revision, sha, folder), repo=entry.repo,
                                   revision=revision, subfolder=folder or None, sha=sha,
                                   allow_pickle=entry.allow_pickle)
-                       for revision, sha, folder in matches]
+                       for revision, sha, folder in matches if unique[(sha, folder)] == (revision, sha, folder)]
         return [self._fetch(entry, checkpoint, refuse) for checkpoint in checkpoints]
 
     # -- which commits and folders ---------------------------------------------------------
@@ -75,24 +86,31 @@ class HubResolver:
                 refs = {ref.name: ref.target_commit for ref in list(listed.branches) + list(listed.tags)}
             return refs
 
-        revisions: List[Tuple[str, str]] = []
+        revisions: List[Tuple[str, str, bool]] = []  # (name, commit, matched by a glob)
         for pattern in entry.revisions:
             if hub.is_glob(pattern):
                 names = hub.matching(all_refs(), pattern)
                 if not names:
                     raise refuse(f"revision pattern {pattern!r} matches no branch or tag "
                                  f"(the repo has: {_listing(all_refs())})")
-                revisions += [(name, all_refs()[name]) for name in names]
+                revisions += [(name, all_refs()[name], True) for name in names]
             else:
                 try:
                     info = client.model_info(entry.repo, revision=pattern)
                 except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
                     raise refuse(self._revision_failure(exc, entry, pattern, all_refs)) from None
-                revisions.append((pattern, info.sha))
-        matches = []
-        for revision, sha in _unique(revisions):
+                revisions.append((pattern, info.sha, False))
+        matches, skipped = [], []
+        for revision, sha, globbed in _unique(revisions):
             folders = _checkpoint_folders(self._tree(entry, sha, refuse))
-            matches += [(revision, sha, folder) for folder in self._folders(entry, revision, folders, refuse)]
+            try:
+                matches += [(revision, sha, folder) for folder in self._folders(entry, revision, folders, refuse)]
+            except PoolError as exc:
+                if not globbed:
+                    raise
+                skipped.append(exc)  # a glob also matches branches without checkpoints (main, often)
+        if not matches:
+            raise skipped[0]
         return matches
 
     def _resolve_from_cache(self, entry: HubCheckpoints, refuse) -> List[Tuple[str, str, str]]:
@@ -142,8 +160,7 @@ class HubResolver:
             return [""]
         chosen: List[str] = []
         for pattern in entry.subfolders:
-            pattern = pattern.strip("/")
-            names = hub.matching(folders, pattern) if hub.is_glob(pattern) else [pattern] if pattern in folders else []
+            names = hub.matching(folders, pattern, paths=True) if hub.is_glob(pattern) else [pattern] if pattern in folders else []
             if not names:
                 kind = "subfolder pattern" if hub.is_glob(pattern) else "subfolder"
                 raise refuse(f"{kind} {pattern!r} matches no folder with a config.json in {at} "
@@ -153,8 +170,11 @@ class HubResolver:
 
     # -- the files -----------------------------------------------------------------------
 
-    def _fetch(self, entry: HubCheckpoints, checkpoint: Checkpoint, refuse) -> Checkpoint:
-        """The checkpoint with `path` set: its folder in the HF cache, downloaded when online."""
+    def _fetch(self, entry: HubCheckpoints, checkpoint: Checkpoint, refuse, pinned: bool = False) -> Checkpoint:
+        """The checkpoint with `path` set: its folder in the HF cache, downloaded when online.
+
+        A freshly resolved branch or tag is cached as pointing at its commit, as huggingface_hub
+        caches it; a pinned one is not (the branch may have moved on since the run started)."""
         folder = checkpoint.subfolder or ""
         if hub.offline():
             try:
@@ -167,7 +187,8 @@ class HubResolver:
                              "run once online", checkpoint.name)
         else:
             files = self._files(entry, checkpoint, refuse)
-            snapshot = self._call(lambda: hub.download(checkpoint.repo, checkpoint.revision, checkpoint.sha, files), entry, refuse,
+            ref = None if pinned else checkpoint.revision
+            snapshot = self._call(lambda: hub.download(checkpoint.repo, checkpoint.sha, files, ref), entry, refuse,
                                   checkpoint.sha)
             path = snapshot / folder
         return checkpoint.model_copy(update={"path": path})
@@ -177,17 +198,32 @@ class HubResolver:
         names = [posixpath.basename(p) for p in self._tree(entry, checkpoint.sha, refuse)
                  if posixpath.dirname(p) == folder]
         weights = [n for n in names if hub.SAFETENSORS_FILE.match(n)]
+        if SAFETENSORS_INDEX in names:
+            # Only the shards the index names: a folder may also hold a consolidated copy.
+            weights = [SAFETENSORS_INDEX] + self._shards(entry, checkpoint, folder, refuse)
         if not weights:
             pickles = [n for n in names if hub.PICKLE_FILE.match(n)]
             if pickles and not entry.allow_pickle:
                 raise refuse(f"has only pickle weights ({', '.join(pickles[:3])}), which can run code when loaded; "
-                             "set `allow_pickle: true` on this entry if you trust it", checkpoint.name)
+                             + self.pickle_hint, checkpoint.name)
             weights = pickles + [n for n in names if n == "pytorch_model.bin.index.json"]
         if not weights:
             raise refuse("has no model weights (model.safetensors or pytorch_model.bin)", checkpoint.name)
         support = [n for n in names if hub.SUPPORT_FILE.match(n)
                    or (self.trust_remote_code and hub.REMOTE_CODE_FILE.match(n))]
         return [posixpath.join(folder, n) for n in _unique(weights + support)]
+
+    def _shards(self, entry: HubCheckpoints, checkpoint: Checkpoint, folder: str, refuse) -> List[str]:
+        from huggingface_hub import hf_hub_download
+
+        index = self._call(lambda: hf_hub_download(checkpoint.repo, posixpath.join(folder, SAFETENSORS_INDEX),
+                                                   revision=checkpoint.sha, endpoint=hub.endpoint()),
+                           entry, refuse, checkpoint.sha)
+        try:
+            return sorted(set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise refuse(f"{SAFETENSORS_INDEX} of {checkpoint.source} is not a safetensors index ({exc})",
+                         checkpoint.name) from None
 
     def _call(self, call, entry: HubCheckpoints, refuse, revision: Optional[str] = None):
         try:
@@ -221,7 +257,8 @@ def _listing(names, shown: int = 8) -> str:
     return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-def fetch_reference(repo: str, revision: str, subfolder: Optional[str], source: Path, location: str) -> Checkpoint:
+def fetch_reference(repo: str, revision: str, subfolder: Optional[str], source: Path, location: str,
+                    trust_remote_code: bool = False) -> Checkpoint:
     """One checkpoint named the way a mergekit YAML names it (see Checkpoint.reference), fetched."""
     from pydantic import ValidationError
 
@@ -229,4 +266,6 @@ def fetch_reference(repo: str, revision: str, subfolder: Optional[str], source: 
         entry = HubCheckpoints(repo=repo, revisions=(revision,), subfolders=(subfolder,) if subfolder else None)
     except ValidationError as exc:
         raise PoolError(source, location, repo, exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
-    return HubResolver()(entry, location, source)[0]
+    resolver = HubResolver(trust_remote_code=trust_remote_code,
+                           pickle_hint="convert them to safetensors, or download the checkpoint and name its folder")
+    return resolver(entry, location, source)[0]

@@ -105,9 +105,12 @@ def _looks_local(path: str) -> bool:
     return path.startswith(("/", "~", ".")) or path.count("/") > 1
 
 
-def _resolve_path(model_path: ModelPath, location: str, config_file: Path) -> ModelPath:
+def _resolve_path(model_path: ModelPath, location: str, config_file: Path, fetch: Optional[Callable] = None) -> ModelPath:
+    """A local path made absolute; a Hub reference fetched by `fetch` (None: left to mergekit)."""
     if model_path.path.startswith(HF_URL):
-        return _from_hub(model_path, location, config_file)
+        if fetch is None:
+            raise MergeConfigError(config_file, location, f"{HF_URL} references name checkpoints, not adapters")
+        return fetch(model_path, location, config_file)
     local = os.path.expanduser(model_path.path)
     if os.path.isdir(local):
         return model_path.model_copy(update={"path": os.path.abspath(local)})
@@ -115,15 +118,24 @@ def _resolve_path(model_path: ModelPath, location: str, config_file: Path) -> Mo
         raise MergeConfigError(config_file, location, f"not a model directory: {os.path.abspath(local)}")
     if _looks_local(model_path.path):
         raise MergeConfigError(config_file, location, f"no such model directory: {os.path.abspath(local)}")
-    return _from_hub(model_path, location, config_file)
+    return fetch(model_path, location, config_file) if fetch else model_path
 
 
 HF_URL = "hf://"
 
 
-def _from_hub(model_path: ModelPath, location: str, config_file: Path) -> ModelPath:
-    """A Hub reference (`repo[@revision]`, or `hf://repo@revision/subfolder` for a checkpoint folder,
-    which plain mergekit cannot read) fetched as the pool fetches it: safetensors only, into the HF cache."""
+def hub_fetcher(trust_remote_code: bool = False) -> Callable[[ModelPath, str, Path], ModelPath]:
+    """Fetches a model's Hub reference as the pool fetches checkpoints: safetensors only, into the HF
+    cache (offline from it). `repo[@revision]`, or `hf://repo@revision/subfolder` for a checkpoint
+    folder inside a repo, which plain mergekit cannot read; in that form the revision has no `/`."""
+
+    def fetch(model_path: ModelPath, location: str, config_file: Path) -> ModelPath:
+        return _from_hub(model_path, location, config_file, trust_remote_code)
+
+    return fetch
+
+
+def _from_hub(model_path: ModelPath, location: str, config_file: Path, trust_remote_code: bool) -> ModelPath:
     from mergekit_recycle.hub_pool import fetch_reference
 
     if model_path.path.startswith(HF_URL):
@@ -135,7 +147,7 @@ def _from_hub(model_path: ModelPath, location: str, config_file: Path) -> ModelP
             revision, subfolder = revision.split("/", 1)
     else:
         repo, revision, subfolder = model_path.path, model_path.revision, ""
-    checkpoint = fetch_reference(repo, revision or "main", subfolder or None, config_file, location)
+    checkpoint = fetch_reference(repo, revision or "main", subfolder or None, config_file, location, trust_remote_code)
     return ModelPath(path=str(checkpoint.path))
 
 
@@ -157,13 +169,15 @@ def _map_references(value: Any, location: str, change: Callable[[ModelReference,
     return value
 
 
-def resolve_local_paths(config: MergeConfiguration, config_file: Path) -> MergeConfiguration:
-    """Make local model (and LoRA) paths absolute; refuse ones that do not exist."""
+def resolve_paths(config: MergeConfiguration, config_file: Path, trust_remote_code: bool = False) -> MergeConfiguration:
+    """Make local model (and LoRA) paths absolute, refusing ones that do not exist, and fetch the
+    models' Hub references (a LoRA adapter on the Hub is left to mergekit, which merges it)."""
+    fetch = hub_fetcher(trust_remote_code)
 
     def resolve(reference: ModelReference, location: str) -> ModelReference:
         return reference.model_copy(
             update={
-                "model": _resolve_path(reference.model, location, config_file),
+                "model": _resolve_path(reference.model, location, config_file, fetch),
                 "lora": reference.lora and _resolve_path(reference.lora, location, config_file),
             }
         )
@@ -171,16 +185,16 @@ def resolve_local_paths(config: MergeConfiguration, config_file: Path) -> MergeC
     return _map_references(config, "", resolve)
 
 
-def prepare_merge_config(config: MergeConfiguration, path: Path) -> MergeConfiguration:
+def prepare_merge_config(config: MergeConfiguration, path: Path, trust_remote_code: bool = False) -> MergeConfiguration:
     """Everything `merge_yaml` does to a configuration before mergekit plans it."""
     if config.merge_method == RECYCLE_LINEAR:
         check_recycle_linear(config, path)
         config = drop_zero_weight_models(config)
-    return resolve_local_paths(config, path)
+    return resolve_paths(config, path, trust_remote_code)
 
 
 def merge_yaml(config_path: Path, out_path: Path, options: MergeOptions) -> None:
     """Merge what a mergekit YAML describes into `out_path`, as mergekit-yaml would."""
     config, source = load_merge_config(config_path)
-    config = prepare_merge_config(config, config_path)
+    config = prepare_merge_config(config, config_path, options.trust_remote_code)
     run_merge(config, str(out_path), options=options, config_source=source)

@@ -22,7 +22,8 @@ def build_model_card(report: Dict[str, Any], run: Dict[str, Any], recipe_text: s
 
     checkpoints = [Checkpoint.model_validate(c) for c in run["checkpoints"]]
     base = Checkpoint.model_validate(run["base"]) if run.get("base") else None
-    repos = hub_repos(checkpoints + ([base] if base else []))
+    merged = [c for c in checkpoints if report["winner"]["weights"][c.name] > 0]
+    repos = hub_repos(merged + ([base] if base else []))
     model_name = repo_id.split("/")[-1]
     optimized = next((row for row in report["rows"] if row["kind"] == "optimized"), None)
     results = []
@@ -63,9 +64,9 @@ def _body(report: Dict[str, Any], checkpoints: List[Checkpoint], base: Optional[
         "|---|---|---|",
     ]
     for checkpoint in sorted(checkpoints, key=lambda c: -winner["weights"][c.name]):
-        lines.append(f"| {checkpoint.name} | `{_source(checkpoint)}` | {winner['weights'][checkpoint.name]:.4f} |")
+        lines.append(f"| {checkpoint.name} | `{checkpoint.published_source}` | {winner['weights'][checkpoint.name]:.4f} |")
     if base:
-        lines += ["", f"Anchor (`base_model`): `{_source(base)}`, scale {winner['scale']:.4f}."]
+        lines += ["", f"Anchor (`base_model`): `{base.published_source}`, scale {winner['scale']:.4f}."]
     lines += ["", "## Results", "",
               "Scores of the merge and of the baselines, on the tasks the search optimized (search) and on "
               "held-out tasks it never saw (holdout). The baselines are every single checkpoint, the uniform soup "
@@ -91,5 +92,3 @@ def _body(report: Dict[str, Any], checkpoints: List[Checkpoint], base: Optional[
     return "\n".join(lines)
 
 
-def _source(checkpoint: Checkpoint) -> str:
-    return checkpoint.source if checkpoint.repo else f"local: {checkpoint.name}"

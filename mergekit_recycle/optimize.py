@@ -32,6 +32,7 @@ from mergekit_recycle import constants
 from mergekit_recycle.baselines import baseline_merges
 from mergekit_recycle.candidate import SPLITS, CandidateEvaluator, Split
 from mergekit_recycle.errors import ConfigFileError, RunDirError, SearchAbortedError
+from mergekit_recycle.hub import PICKLE_FILE
 from mergekit_recycle.journal import JOURNAL, Journal
 from mergekit_recycle.mergekit_yaml import write_merge_config
 from mergekit_recycle.pool import Pool, resolve_pool
@@ -74,10 +75,13 @@ def fingerprint(recipe: Recipe, pool: Pool) -> Dict[str, str]:
         # JSON file whole, and of each weight file its size and its first and last MiB (its
         # safetensors header and a sample of its tensors). Copying or touching leaves it alike.
         identity = []
-        for file in sorted(path.iterdir()):
+        listing = sorted(path.iterdir())
+        # The weights merged: safetensors, else allowed pickles (never a trainer's training_args.bin).
+        weights = [f for f in listing if f.suffix == ".safetensors"] or [f for f in listing if PICKLE_FILE.match(f.name)]
+        for file in listing:
             if file.suffix == ".json":
                 identity.append([file.name, hashlib.sha256(file.read_bytes()).hexdigest()])
-            elif file.suffix in (".safetensors", ".bin"):
+            elif file in weights:
                 size = file.stat().st_size
                 with open(file, "rb") as handle:
                     head = handle.read(SAMPLE_BYTES)

@@ -39,6 +39,21 @@ class Checkpoint(BaseModel):
     sha: Optional[str] = None
 
     @property
+    def published_source(self) -> str:
+        """`source` as published files give it: a local folder by its name, never this machine's path."""
+        return self.source if self.repo else f"local:{self.name}"
+
+    @property
+    def published_reference(self) -> str:
+        """`reference` as published files give it (a local folder by its name)."""
+        return self.reference if self.repo else self.name
+
+    @property
+    def commit(self) -> Tuple[Optional[str], Optional[str], Optional[str]]:
+        """What identifies a Hub checkpoint's weights: repo (case-insensitive, as on the Hub), commit, folder."""
+        return (self.repo and self.repo.lower(), self.sha, self.subfolder)
+
+    @property
     def reference(self) -> str:
         """How a mergekit YAML names it anywhere: `repo@sha`, `hf://repo@sha/subfolder`
         (read by `mergekit-recycle merge`), or the local path."""
@@ -149,7 +164,10 @@ def _tensor_headers(path: Path, is_safetensors: bool) -> Iterator[Tuple[str, Tup
     import torch
 
     # weights_only: the allowed pickle is still read with torch's restricted unpickler; mmap: no tensor is read.
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a pickle from before torch's zip format cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
     for key, tensor in state.items():
         yield key, tuple(tensor.shape), _SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype))
 
@@ -211,10 +229,10 @@ def resolve_pool(recipe: Recipe, source: Path, pins: Optional[Mapping[str, Any]]
     for index, entry in enumerate(recipe.pool):
         resolved = resolvers[type(entry)](entry, f"pool[{index}]", source)
         for checkpoint in resolved:
-            twin = next((c for c in checkpoints if c.repo and c.name == checkpoint.name), None)
+            twin = next((c for c in checkpoints if c.repo and c.commit == checkpoint.commit), None)
             if twin is not None:
                 raise PoolError(source, checkpoint.location, checkpoint.name,
-                                f"is also resolved by {twin.location}; a checkpoint may be listed once")
+                                f"is the commit {twin.location} resolves to as {twin.name}; a checkpoint may be listed once")
         checkpoints += resolved
     base = resolvers[type(recipe.base)](recipe.base, "base", source) if recipe.base is not None else []
     if len(base) > 1:

@@ -9,6 +9,7 @@ The token is huggingface_hub's (HF_TOKEN or `hf auth login`); nothing here write
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,8 +25,9 @@ from mergekit_recycle.pool import Checkpoint
 
 STAGING = "hub-upload"
 PLOTS = ("progress.png", "tasks.png", "weights.png")
-# Files an earlier publish may have left that this one replaces (a winner with fewer shards, say).
-STALE = ["*.safetensors", "*.bin", "recycle/*", "*.png"]
+# Files of an earlier publish that this one replaces when it has no file of that name (a winner
+# with fewer shards, say): weights and their indexes at the top of the repo, and recycle/.
+STALE = re.compile(r"([^/]+\.(safetensors|bin)(\.index\.json)?|recycle/.*)$")
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,8 @@ def check_push_access(repo_id: Optional[str], private: bool, default_name: str) 
 
     target = repo_id or f"<you>/{default_name}"
     if hub.offline():
-        raise HubAccessError(target, "HF_HUB_OFFLINE=1 is set; unset it to publish, or publish later with "
-                             "`mergekit-recycle publish RUN_DIR`")
+        raise HubAccessError(target, "HF_HUB_OFFLINE=1 is set; unset it to publish, or pass --no-push and publish "
+                             "later with `mergekit-recycle publish RUN_DIR`")
     if not hub.has_token():
         raise HubAccessError(target, "no Hub token: set HF_TOKEN to a token with write access, or run `hf auth login`")
     client = hub.api()
@@ -62,19 +64,40 @@ def check_push_access(repo_id: Optional[str], private: bool, default_name: str) 
         raise HubAccessError(target, hub.failure(exc, target)) from None
     user = who["name"]
     target = repo_id or f"{user}/{default_name}"
-    role = who.get("auth", {}).get("accessToken", {}).get("role")
-    if role == "read":
-        raise HubAccessError(target, f"the Hub token of {user} is read-only; create one with write access at "
-                             f"{hub.endpoint()}/settings/tokens and set HF_TOKEN to it")
-    namespace = target.split("/")[0]
-    orgs = [org["name"] for org in who.get("orgs", [])]
-    if namespace != user and namespace not in orgs:
-        raise HubAccessError(target, f"the token of {user} can write to {', '.join([user] + orgs)}, not {namespace}")
+    _check_write_permission(who, target)
     try:
-        client.create_repo(target, private=private, exist_ok=True)
+        # Not exist_ok=True: huggingface_hub then takes a refused creation of an existing repo for success.
+        client.create_repo(target, private=private)
+    except HfHubHTTPError as exc:
+        if exc.response is None or exc.response.status_code != 409:  # 409: it exists, and the token may write it
+            raise HubAccessError(target, hub.failure(exc, target)) from None
     except Exception as exc:  # noqa: BLE001
         raise HubAccessError(target, hub.failure(exc, target)) from None
     return Destination(repo_id=target, private=private, user=user)
+
+
+def _check_write_permission(who: Dict[str, Any], repo_id: str) -> None:
+    """What whoami says about writing to repo_id: the token's role, the namespace, fine-grained scopes."""
+    user, namespace = who["name"], repo_id.split("/")[0]
+    token = who.get("auth", {}).get("accessToken", {})
+    if token.get("role") == "read":
+        raise HubAccessError(repo_id, f"the Hub token of {user} is read-only; create one with write access at "
+                             f"{hub.endpoint()}/settings/tokens and set HF_TOKEN to it")
+    orgs = {org["name"].lower(): org for org in who.get("orgs", [])}
+    if namespace.lower() != user.lower() and namespace.lower() not in orgs:
+        names = ", ".join([user] + [org["name"] for org in orgs.values()])
+        raise HubAccessError(repo_id, f"the token of {user} can write to {names}, not {namespace}")
+    if orgs.get(namespace.lower(), {}).get("roleInOrg") == "read":
+        raise HubAccessError(repo_id, f"{user} has the read role in {namespace}: ask an admin of {namespace} for write")
+    if token.get("role") == "fineGrained":
+        scopes = token.get("fineGrained") or {}
+        granted = "repo.write" in scopes.get("global", []) or any(
+            "repo.write" in scope.get("permissions", [])
+            and scope.get("entity", {}).get("name", "").lower() in (namespace.lower(), repo_id.lower())
+            for scope in scopes.get("scoped", []))
+        if not granted:
+            raise HubAccessError(repo_id, f"the fine-grained token of {user} has no repo.write permission on "
+                                 f"{namespace}; add it at {hub.endpoint()}/settings/tokens")
 
 
 def publish_defaults(run_dir: Path) -> Dict[str, Any]:
@@ -143,7 +166,9 @@ def stage(run_dir: Path, repo_id: str) -> Path:
         if (run_dir / name).is_file():
             _link(run_dir / name, staging / name)
     (staging / "mergekit_config.yml").write_text(portable_config(winner, run), encoding="utf-8")
-    _link(run_dir / "report.json", staging / "recycle" / "report.json")
+    public_report = {**report, "checkpoints": {c["name"]: Checkpoint.model_validate(c).published_source
+                                               for c in run["checkpoints"]}}
+    (staging / "recycle" / "report.json").write_text(json.dumps(public_report, indent=2), encoding="utf-8")
     records = Journal(run_dir / JOURNAL, repair=False).records
     (staging / "recycle" / "journal.json").write_text(json.dumps(export_journal(records), indent=1), encoding="utf-8")
     if recipe_text:
@@ -157,24 +182,31 @@ def portable_config(winner: Path, run: Dict[str, Any]) -> str:
     config = yaml.safe_load(winner.read_text(encoding="utf-8"))
     checkpoints = [Checkpoint.model_validate(c) for c in run["checkpoints"]]
     for model, checkpoint in zip(config["models"], checkpoints):
-        model["model"] = checkpoint.reference
+        model["model"] = checkpoint.published_reference
     if run.get("base") and "base_model" in config:
-        config["base_model"] = Checkpoint.model_validate(run["base"]).reference
+        config["base_model"] = Checkpoint.model_validate(run["base"]).published_reference
     title = winner.read_text(encoding="utf-8").splitlines()[0]
     return (f"{title}\n# Reproduce: mergekit-recycle merge mergekit_config.yml OUT_DIR\n"
             + yaml.safe_dump(config, sort_keys=False))
 
 
 def export_journal(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """The journal as published: without this machine's checkpoint paths."""
+    """The journal as published: without this machine's paths."""
 
     def public(checkpoint: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-        return checkpoint and {key: value for key, value in checkpoint.items() if key != "path"}
+        if checkpoint is None:
+            return None
+        exported = {key: value for key, value in checkpoint.items() if key != "path"}
+        return {**exported, "source": Checkpoint.model_validate(checkpoint).published_source}
+
+    def entry(value: Dict[str, Any]) -> Dict[str, Any]:
+        return {**value, "path": f"local:{Path(value['path']).name}"} if "path" in value else value
 
     exported = []
     for record in records:
         if record.get("type") == "run":
-            record = {**record, "checkpoints": [public(c) for c in record["checkpoints"]], "base": public(record.get("base"))}
+            record = {**record, "checkpoints": [public(c) for c in record["checkpoints"]], "base": public(record.get("base")),
+                      "entries": {k: entry(v) for k, v in record.get("entries", {}).items()}}
         exported.append(record)
     return exported
 
@@ -183,9 +215,12 @@ def _upload(staging: Path, run_dir: Path, repo_id: str):
     """One commit of the staging folder (huggingface_hub retries a commit the Hub fails with 5xx)."""
     report = json.loads((staging / "recycle" / "report.json").read_text(encoding="utf-8"))
     message = f"mergekit-recycle: the winner of {report['recipe']} ({report['evaluations']} evaluations)"
+    staged = {path.relative_to(staging).as_posix() for path in staging.rglob("*") if path.is_file()}
+    client = hub.api()
     try:
-        return hub.api().upload_folder(repo_id=repo_id, folder_path=staging, commit_message=message,
-                                       delete_patterns=STALE)
+        stale = [f for f in client.list_repo_files(repo_id) if STALE.match(f) and f not in staged]
+        return client.upload_folder(repo_id=repo_id, folder_path=staging, commit_message=message,
+                                    delete_patterns=[hub.exact_pattern(f) for f in stale] or None)
     except Exception as exc:  # noqa: BLE001 - every failure ends as one line, the run folder untouched
         raise PublishError(run_dir, repo_id, hub.failure(exc, repo_id)) from None
 

@@ -110,6 +110,18 @@ class HubCheckpoints(Frozen):
     # Pickle weights (*.bin, *.pt) can run code when loaded: only where the recipe's author says so.
     allow_pickle: StrictBool = False
 
+    @field_validator("subfolders")
+    @classmethod
+    def _folder_paths(cls, values: Optional[Tuple[str, ...]]) -> Optional[Tuple[str, ...]]:
+        """Paths inside the repo, without leading or trailing slashes (`checkpoint-1/` is `checkpoint-1`)."""
+        if values is None:
+            return None
+        paths = tuple(value.strip("/") for value in values)
+        for value, path in zip(values, paths):
+            if not path or ".." in path.split("/"):
+                raise ValueError(f"{value!r} is not a folder inside the repo")
+        return paths
+
     @field_validator("revisions", "subfolders")
     @classmethod
     def _unique(cls, values: Optional[Tuple[str, ...]]) -> Optional[Tuple[str, ...]]:

@@ -153,10 +153,24 @@ REPO = r"/api/models/(?P<repo>[^/]+/[^/]+)"
 SEG = r"[^/]+"
 
 
+def _fine_grained_writes(role: str) -> list[str]:
+    return [name for name in role.partition(":")[2].split(",") if name]
+
+
+def _access_token_role(role: str) -> dict[str, Any]:
+    """whoami-v2's description of a token's permissions."""
+    if not role.startswith("fineGrained"):
+        return {"role": role}
+    scoped = [{"entity": {"type": "user", "name": name}, "permissions": ["repo.content.read", "repo.write"]}
+              for name in _fine_grained_writes(role)]
+    return {"role": "fineGrained", "fineGrained": {"canReadGatedRepos": False, "global": [], "scoped": scoped}}
+
+
 class HubServer:
     """In-memory Hub: repos with commits, branches and tags, served over HTTP on 127.0.0.1 on a free port.
 
-    tokens: token -> (user, "write" | "read"); orgs: user -> org namespaces the user belongs to.
+    tokens: token -> (user, "write" | "read" | "fineGrained:ns1,ns2"), the last a fine-grained token with
+    repo.write on those namespaces only; orgs: user -> org namespaces the user belongs to.
     gitattributes: like the Hub, give every new repo an initial commit with a .gitattributes file.
     """
 
@@ -362,7 +376,10 @@ class HubServer:
         if req.user is None:
             raise HubError(401, "You must be authenticated to access this resource (no token sent)")
         user, role = req.user
-        if role != "write":
+        if role.startswith("fineGrained"):
+            if namespace not in _fine_grained_writes(role):
+                raise HubError(403, f"This fine-grained token has no repo.write permission on '{namespace}'")
+        elif role != "write":
             raise HubError(403, f"This operation needs a write token; the token of '{user}' is read-only")
         if not self._member(user, namespace):
             raise HubError(403, f"You don't have the rights to write to namespace '{namespace}'")
@@ -435,7 +452,7 @@ class HubServer:
             ],
             "auth": {
                 "type": "access_token",
-                "accessToken": {"displayName": f"{user}-{role}", "role": role, "createdAt": _now()},
+                "accessToken": {"displayName": f"{user}-{role}", "createdAt": _now(), **_access_token_role(role)},
             },
         })  # fmt: skip
 

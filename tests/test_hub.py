@@ -16,6 +16,7 @@ from conftest import lines, run_cli
 from hub_server import HubServer
 
 WRITE, READ = "hf_write_alice_0123456789abcdef", "hf_read_alice_0123456789abcdef"
+FINE_GRAINED, FINE_GRAINED_ELSEWHERE = "hf_fine_alice_0123456789abcdef", "hf_fine_alice_lab_0123456789abcdef"
 # `optimize --push` without output.hub_repo pushes to <user>/<recipe name>.
 RUN_REPO, SFT_REPO, PUSHED = "lab/tiny-run", "lab/tiny-sft", "alice/hub-recycle"
 BRANCHES = {"stage1-step1000": "post-1", "stage1-step2000": "post-2", "stage2-step1000": "post-3"}
@@ -27,11 +28,22 @@ def files_of(folder: Path, prefix: str = "") -> Dict[str, bytes]:
     return {prefix + file.name: file.read_bytes() for file in folder.iterdir() if file.is_file()}
 
 
+def sharded(state: Dict[str, torch.Tensor]) -> Dict[str, bytes]:
+    from safetensors.torch import save
+
+    names = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    index = {"metadata": {}, "weight_map": {name: shard for shard, members in halves.items() for name in members}}
+    return {**{shard: save({name: state[name].contiguous() for name in members}) for shard, members in halves.items()},
+            "model.safetensors.index.json": json.dumps(index).encode()}
+
+
 @pytest.fixture(scope="module")
 def hub(small_pool):
     """The Hub as a lab leaves it: a run's checkpoints on branches, an SFT run's in checkpoint-* folders."""
     pool_dir = small_pool[0]
-    with HubServer(tokens={WRITE: ("alice", "write"), READ: ("alice", "read")}, orgs={"alice": []}) as server:
+    with HubServer(tokens={WRITE: ("alice", "write"), READ: ("alice", "read"), FINE_GRAINED: ("alice", "fineGrained:alice"),
+                           FINE_GRAINED_ELSEWHERE: ("alice", "fineGrained:lab")}, orgs={"alice": []}) as server:
         server.create_repo(RUN_REPO)
         server.commit(RUN_REPO, {"README.md": b"# a pretraining run\n"})
         for branch, checkpoint in BRANCHES.items():
@@ -51,6 +63,9 @@ def hub(small_pool):
         torch.save(state, pickled / "pytorch_model.bin")
         server.commit("lab/pickled", {**{k: v for k, v in files_of(pool_dir / "post-1").items()
                                          if k != "model.safetensors"}, **files_of(pickled)})
+        server.create_repo("lab/sharded")  # two shards with their index, and a consolidated copy a merge never needs
+        server.commit("lab/sharded", {**sharded(state), "consolidated.safetensors": files_of(pool_dir / "post-1")[
+            "model.safetensors"], **{k: v for k, v in files_of(pool_dir / "post-2").items() if k != "model.safetensors"}})
         server.create_repo("alice/secret", private=True)
         server.commit("alice/secret", files_of(pool_dir / "post-1"))
         yield server
@@ -72,7 +87,8 @@ GLOB_POOL = [{"repo": RUN_REPO, "revisions": ["stage1-*"]}, {"repo": SFT_REPO, "
 
 def hub_env(server: HubServer, home: Path, token: str = WRITE, offline: bool = False) -> Dict[str, str]:
     return {"HF_ENDPOINT": server.url, "HF_HOME": str(home), "HF_TOKEN": token or "",
-            "HF_HUB_OFFLINE": "1" if offline else "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+            "HF_HUB_OFFLINE": "1" if offline else "0", "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 class Session:
@@ -137,6 +153,7 @@ def test_pool_globs_resolve_to_pinned_commits_and_only_the_needed_files_are_down
     ({"repo": SFT_REPO}, ["pool[0]", "no config.json at its root", "list them under subfolders"]),
     ({"repo": "lab/pickled"}, ["pool[0]", "only pickle weights", "allow_pickle: true"]),
     ({"repo": "alice/secret"}, ["pool[0]", "repo alice/secret not found", "no Hub token is set"]),
+    ({"repo": RUN_REPO, "revisions": ["*"], "subfolders": ["nowhere"]}, ["pool[0]", "subfolder 'nowhere' matches no"]),
 ])
 def test_a_bad_hub_entry_fails_with_one_line_naming_it(hub, small_pool, tmp_path, entry, expected):
     recipe = write_recipe(tmp_path, small_pool, [entry, {"repo": RUN_REPO, "revisions": ["v1"]}])
@@ -146,6 +163,55 @@ def test_a_bad_hub_entry_fails_with_one_line_naming_it(hub, small_pool, tmp_path
     for text in expected:
         assert text in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_commit_enters_the_pool_once(hub, small_pool, tmp_path):
+    session = Session(hub, tmp_path / "hf-home")
+    # Tag v1 is the head of stage2-step1000 and main holds no checkpoint: a glob skips main, merges the commit once.
+    once = session.run("pull", str(write_recipe(tmp_path / "a", small_pool, [
+        {"repo": RUN_REPO, "revisions": ["*"]}, {"repo": SFT_REPO, "subfolders": ["checkpoint-100"]}])))
+    assert once.returncode == 0, once.stderr
+    assert [line.split("\t")[1] for line in lines(once.stdout)] == [
+        f"{RUN_REPO}@stage1-step1000", f"{RUN_REPO}@stage1-step2000", f"{RUN_REPO}@stage2-step1000",
+        f"{SFT_REPO}@main/checkpoint-100"]
+    head = hub.head(RUN_REPO, "stage2-step1000")
+    twice = session.run("pull", str(write_recipe(tmp_path / "b", small_pool, [
+        {"repo": RUN_REPO, "revisions": ["v1"]}, {"repo": RUN_REPO, "revisions": [head]}])))
+    assert twice.returncode == 2 and len(lines(twice.stderr)) == 1, twice.stderr
+    assert f"pool[1]: checkpoint {RUN_REPO}@{head}: is the commit pool[0] resolves to as {RUN_REPO}@v1" in twice.stderr
+
+
+def test_only_the_shards_an_index_names_are_downloaded(hub, small_pool, tmp_path):
+    session = Session(hub, tmp_path / "hf-home")
+    result = session.run("pull", str(write_recipe(tmp_path, small_pool, [{"repo": "lab/sharded"},
+                                                                           {"repo": RUN_REPO, "revisions": ["v1"]}])))
+    assert result.returncode == 0, result.stderr
+    folder = Path(lines(result.stdout)[0].split("\t")[3])
+    assert sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors") == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+
+
+def test_an_anchor_that_is_a_pool_member_keeps_its_pins(hub, small_pool, tmp_path, online_hf):
+    from mergekit_recycle.journal import Journal
+    from mergekit_recycle.optimize import RunOptions, earlier_pins, fingerprint, start_session
+    from mergekit_recycle.pool import resolve_pool
+    from mergekit_recycle.recipe import load_recipe
+
+    online_hf(hub.url)
+    path = write_recipe(tmp_path, small_pool, [{"repo": RUN_REPO, "revisions": ["stage2-*"]},
+                                               {"repo": SFT_REPO, "subfolders": ["checkpoint-100"]}])
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, "base": {"repo": RUN_REPO, "revisions": ["stage2-step1000"]}}))
+    recipe = load_recipe(path)
+    options = RunOptions(run_dir=tmp_path / "run", budget=1, seed=0, device="cpu")
+    first = resolve_pool(recipe, path, pins=earlier_pins(options))
+    assert first.base == first.checkpoints[0]
+    options.run_dir.mkdir()
+    start_session(Journal(options.run_dir / "journal.jsonl"), recipe, first, options, path.read_text())
+    hub.commit(RUN_REPO, files_of(small_pool[0] / "post-5"), branch="stage2-step1000", message="moved")
+    again = resolve_pool(recipe, path, pins=earlier_pins(options))
+    assert again.base == again.checkpoints[0] and fingerprint(recipe, again) == fingerprint(recipe, first)
+    assert [c.sha for c in again.inputs] == [c.sha for c in first.inputs]
 
 
 def test_private_repos_and_pickle_weights_when_allowed(hub, small_pool, tmp_path):
@@ -251,6 +317,7 @@ def test_offline_without_pins_refuses_patterns_with_one_line(pushed, small_pool,
     ("", "no Hub token: set HF_TOKEN"),
     (READ, "the Hub token of alice is read-only"),
     ("hf_not_a_token", "the Hub token is invalid or expired"),
+    (FINE_GRAINED_ELSEWHERE, "the fine-grained token of alice has no repo.write permission on alice"),
 ])
 def test_a_push_that_cannot_happen_fails_before_the_first_evaluation(hub, small_pool, tmp_path, token, message):
     recipe = write_recipe(tmp_path, small_pool, GLOB_POOL, hub_repo=PUSHED)
@@ -281,6 +348,21 @@ def test_publish_retries_a_failed_commit_and_then_says_how_to_retry(pushed, tmp_
     assert failed.returncode == 1 and len(lines(failed.stderr)) == 1, failed.stderr
     assert f"pushing to {PUSHED} failed" in failed.stderr and f"rerun `mergekit-recycle publish {run_dir}`" in failed.stderr
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+
+
+def test_republishing_replaces_stale_weights_and_keeps_everything_else(pushed, online_client):
+    session, recipe, run_dir, result = pushed
+    server = session.server
+    server.commit(PUSHED, {"docs/diagram.png": b"png", "original/consolidated.safetensors": b"w",
+                           "model-00002-of-00002.safetensors": b"w", "model.safetensors.index.json": b"{}",
+                           "recycle/old.json": b"{}"})
+    again = session.run("publish", str(run_dir), "--quiet", token=FINE_GRAINED)
+    assert again.returncode == 0, again.stderr
+    files = set(server.files(PUSHED))
+    assert {"docs/diagram.png", "original/consolidated.safetensors", "model.safetensors", "README.md"} <= files
+    assert not {"model-00002-of-00002.safetensors", "model.safetensors.index.json", "recycle/old.json"} & files
+    for name in ("recycle/journal.json", "recycle/report.json", "mergekit_config.yml"):
+        assert str(run_dir.parent) not in server.files(PUSHED)[name].decode(), f"{name} names this machine's paths"
 
 
 def test_publish_refuses_a_run_without_a_winner(hub, tmp_path):
