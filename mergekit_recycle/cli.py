@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional
 
 import click
-from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 from mergekit_recycle import __version__, constants
 from mergekit_recycle.demo_pool.build import SIZES
@@ -27,7 +26,19 @@ def render_error(exc: BaseException) -> str:
 
 
 class RecycleGroup(click.Group):
-    """A click group that maps our errors to one-line messages and exit codes."""
+    """A click group that maps our errors to one-line messages and exit codes.
+
+    `merge` is built on first use: it declares mergekit's own options, whose import (peft,
+    transformers) would cost every other command seconds at start.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list:
+        return sorted({*super().list_commands(ctx), "merge"})
+
+    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
+        if name == "merge" and name not in self.commands:
+            self.add_command(merge_command())
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -53,19 +64,24 @@ def cli() -> None:
     """Recycle a pool of checkpoints into one better model with mergekit."""
 
 
-@cli.command("merge", cls=PrettyPrintHelp)
-@click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("out_path", type=click.Path(file_okay=False, path_type=Path))
-@add_merge_options
-def merge_command(merge_options: MergeOptions, config_file: Path, out_path: Path) -> None:
-    """Merge CONFIG_FILE (any mergekit YAML) into OUT_PATH, with recycle_linear available.
+def merge_command() -> click.Command:
+    from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
-    Takes the same options as mergekit-yaml.
-    """
-    from mergekit_recycle.merge import merge_yaml
+    @click.command("merge", cls=PrettyPrintHelp)
+    @click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
+    @click.argument("out_path", type=click.Path(file_okay=False, path_type=Path))
+    @add_merge_options
+    def merge(merge_options: MergeOptions, config_file: Path, out_path: Path) -> None:
+        """Merge CONFIG_FILE (any mergekit YAML) into OUT_PATH, with recycle_linear available.
 
-    merge_options.apply_global_options()
-    merge_yaml(config_file, out_path, merge_options)
+        Takes the same options as mergekit-yaml; Hub references are fetched as pool entries are.
+        """
+        from mergekit_recycle.merge import merge_yaml
+
+        merge_options.apply_global_options()
+        merge_yaml(config_file, out_path, merge_options)
+
+    return merge
 
 
 @cli.command("validate")
