@@ -227,10 +227,12 @@ def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optiona
     click.echo(holdout_summary(report))
     click.echo(f"report: {options.run_dir / 'report.md'}" + (f"; merged model: {options.run_dir / 'merged'}" if "winner" in report else ""))
     if destination is not None:
-        from mergekit_recycle.publish import publish
+        from mergekit_recycle.publish import publish, published
 
         if "winner" not in report:
             click.echo(f"nothing published to {destination.repo_id}: no merge was scored", err=True)
+        elif (earlier := published(options.run_dir, destination.repo_id, report)) is not None:
+            click.echo(f"published already, with nothing new since: {earlier}")
         else:
             click.echo(f"published: {publish(options.run_dir, destination, say)}")
 

@@ -111,7 +111,7 @@ def has_token() -> bool:
     return get_token() is not None
 
 
-def failure(exc: BaseException, repo: str, revision: Optional[str] = None) -> str:
+def failure(exc: BaseException, repo: str, revision: Optional[str] = None, offline_hint: bool = True) -> str:
     """What went wrong in a Hub call about `repo`, and how to fix it, in one sentence.
 
     Never includes the token: huggingface_hub's messages name URLs and the server's message only.
@@ -131,15 +131,17 @@ def failure(exc: BaseException, repo: str, revision: Optional[str] = None) -> st
         return f"a file is missing from {at}: {_server_message(exc)}"
     if isinstance(exc, errors.OfflineModeIsEnabled):
         return f"{at} is needed from the Hub, but HF_HUB_OFFLINE=1 is set"
-    if isinstance(exc, errors.LocalEntryNotFoundError):
+    if isinstance(exc, errors.LocalEntryNotFoundError) and offline():
         return (f"{at} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 is set: run once online "
                 "(or with the same HF_HOME as a run that downloaded it)")
     if isinstance(exc, errors.HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else "?"
         return f"the Hub answered {status} for {at}: {_server_message(exc)}"
     if isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in ("httpx", "httpx2"):
-        return (f"cannot reach {endpoint()} for {at} ({type(exc).__name__}: {exc}); check the network, "
-                "or set HF_HUB_OFFLINE=1 to work from the cache")
+        # huggingface_hub also says LocalEntryNotFoundError when a download could not reach the Hub.
+        reason = " ".join(str(exc).split())[:300]
+        return (f"cannot reach {endpoint()} for {at} ({type(exc).__name__}: {reason}); check the network"
+                + (", or set HF_HUB_OFFLINE=1 to work from the cache" if offline_hint else ""))
     return f"{at}: {type(exc).__name__}: {exc}"
 
 

@@ -102,13 +102,18 @@ class HubResolver:
                 revisions.append((pattern, info.sha, False))
         matches, skipped = [], []
         for revision, sha, globbed in _unique(revisions):
-            folders = _checkpoint_folders(self._tree(entry, sha, refuse))
+            tree = self._tree(entry, sha, refuse)
             try:
-                matches += [(revision, sha, folder) for folder in self._folders(entry, revision, folders, refuse)]
+                folders = self._folders(entry, revision, _checkpoint_folders(tree), refuse)
+                if globbed:  # a glob also matches branches without checkpoints (main, often)
+                    folders = [folder for folder in folders if _has_weights(tree, folder)]
+                    if not folders:
+                        raise refuse(f"{entry.repo}@{revision} has no model weights", f"{entry.repo}@{revision}")
+                matches += [(revision, sha, folder) for folder in folders]
             except PoolError as exc:
                 if not globbed:
                     raise
-                skipped.append(exc)  # a glob also matches branches without checkpoints (main, often)
+                skipped.append(exc)
         if not matches:
             raise skipped[0]
         return matches
@@ -220,10 +225,14 @@ class HubResolver:
                                                    revision=checkpoint.sha, endpoint=hub.endpoint()),
                            entry, refuse, checkpoint.sha)
         try:
-            return sorted(set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as exc:
+            weight_map = json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+            if not shards or not all(isinstance(shard, str) and "/" not in shard for shard in shards):
+                raise ValueError("its weight_map must map tensor names to shard files of its folder")
+        except (ValueError, KeyError, AttributeError, TypeError) as exc:
             raise refuse(f"{SAFETENSORS_INDEX} of {checkpoint.source} is not a safetensors index ({exc})",
                          checkpoint.name) from None
+        return shards
 
     def _call(self, call, entry: HubCheckpoints, refuse, revision: Optional[str] = None):
         try:
@@ -237,6 +246,11 @@ class HubResolver:
 def _checkpoint_folders(paths: List[str]) -> List[str]:
     """Folders (`""` for the root) that hold a config.json."""
     return sorted({posixpath.dirname(p) for p in paths if posixpath.basename(p) == "config.json"}, key=hub.natural_key)
+
+
+def _has_weights(tree: List[str], folder: str) -> bool:
+    names = [posixpath.basename(p) for p in tree if posixpath.dirname(p) == folder]
+    return any(hub.SAFETENSORS_FILE.match(n) or hub.PICKLE_FILE.match(n) for n in names)
 
 
 def _name(repo: str, revision: str, folder: str) -> str:

@@ -45,8 +45,9 @@ class Checkpoint(BaseModel):
 
     @property
     def published_reference(self) -> str:
-        """`reference` as published files give it (a local folder by its name)."""
-        return self.reference if self.repo else self.name
+        """`reference` as published files give it: a local folder by a relative path, which can never be
+        taken for a Hub repo id (a name may be `parent/folder`)."""
+        return self.reference if self.repo else f"./{self.name}"
 
     @property
     def commit(self) -> Tuple[Optional[str], Optional[str], Optional[str]]:

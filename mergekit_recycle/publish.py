@@ -27,7 +27,7 @@ STAGING = "hub-upload"
 PLOTS = ("progress.png", "tasks.png", "weights.png")
 # Files of an earlier publish that this one replaces when it has no file of that name (a winner
 # with fewer shards, say): weights and their indexes at the top of the repo, and recycle/.
-STALE = re.compile(r"([^/]+\.(safetensors|bin)(\.index\.json)?|recycle/.*)$")
+STALE = re.compile(r"([^/]+\.safetensors(\.index\.json)?|pytorch_model[^/]*\.bin(\.index\.json)?|recycle/.*)$")
 
 
 @dataclass(frozen=True)
@@ -59,21 +59,31 @@ def check_push_access(repo_id: Optional[str], private: bool, default_name: str) 
         if exc.response is not None and exc.response.status_code == 401:
             raise HubAccessError(target, "the Hub token is invalid or expired; set HF_TOKEN to a valid token "
                                  "with write access") from None
-        raise HubAccessError(target, hub.failure(exc, target)) from None
+        raise HubAccessError(target, hub.failure(exc, target, offline_hint=False)) from None
     except Exception as exc:  # noqa: BLE001 - unreachable Hub and the like: one line
-        raise HubAccessError(target, hub.failure(exc, target)) from None
+        raise HubAccessError(target, hub.failure(exc, target, offline_hint=False)) from None
     user = who["name"]
     target = repo_id or f"{user}/{default_name}"
     _check_write_permission(who, target)
     try:
-        # Not exist_ok=True: huggingface_hub then takes a refused creation of an existing repo for success.
         client.create_repo(target, private=private)
     except HfHubHTTPError as exc:
-        if exc.response is None or exc.response.status_code != 409:  # 409: it exists, and the token may write it
-            raise HubAccessError(target, hub.failure(exc, target)) from None
+        status = exc.response.status_code if exc.response is not None else None
+        # 409: it exists. 401/403: the token may not create repos, which is fine for one that exists
+        # (a token scoped to that repo); the checks above said whether it may write there.
+        if status not in (401, 403, 409) or (status != 409 and not _exists(client, target)):
+            raise HubAccessError(target, hub.failure(exc, target, offline_hint=False)) from None
     except Exception as exc:  # noqa: BLE001
-        raise HubAccessError(target, hub.failure(exc, target)) from None
+        raise HubAccessError(target, hub.failure(exc, target, offline_hint=False)) from None
     return Destination(repo_id=target, private=private, user=user)
+
+
+def _exists(client, repo_id: str) -> bool:
+    try:
+        client.repo_info(repo_id)
+    except Exception:  # noqa: BLE001 - missing, or not readable with this token: not a repo it can push to
+        return False
+    return True
 
 
 def _check_write_permission(who: Dict[str, Any], repo_id: str) -> None:
@@ -83,7 +93,7 @@ def _check_write_permission(who: Dict[str, Any], repo_id: str) -> None:
     if token.get("role") == "read":
         raise HubAccessError(repo_id, f"the Hub token of {user} is read-only; create one with write access at "
                              f"{hub.endpoint()}/settings/tokens and set HF_TOKEN to it")
-    orgs = {org["name"].lower(): org for org in who.get("orgs", [])}
+    orgs = {org["name"].lower(): org for org in who.get("orgs") or []}
     if namespace.lower() != user.lower() and namespace.lower() not in orgs:
         names = ", ".join([user] + [org["name"] for org in orgs.values()])
         raise HubAccessError(repo_id, f"the token of {user} can write to {names}, not {namespace}")
@@ -91,10 +101,11 @@ def _check_write_permission(who: Dict[str, Any], repo_id: str) -> None:
         raise HubAccessError(repo_id, f"{user} has the read role in {namespace}: ask an admin of {namespace} for write")
     if token.get("role") == "fineGrained":
         scopes = token.get("fineGrained") or {}
-        granted = "repo.write" in scopes.get("global", []) or any(
-            "repo.write" in scope.get("permissions", [])
-            and scope.get("entity", {}).get("name", "").lower() in (namespace.lower(), repo_id.lower())
-            for scope in scopes.get("scoped", []))
+        granted = "repo.write" in (scopes.get("global") or []) or any(
+            "repo.write" in (scope.get("permissions") or [])
+            and (scope.get("entity") or {}).get("type") in ("user", "org", "model")
+            and ((scope.get("entity") or {}).get("name") or "").lower() in (namespace.lower(), repo_id.lower())
+            for scope in scopes.get("scoped") or [])
         if not granted:
             raise HubAccessError(repo_id, f"the fine-grained token of {user} has no repo.write permission on "
                                  f"{namespace}; add it at {hub.endpoint()}/settings/tokens")
@@ -126,10 +137,21 @@ def publish(run_dir: Path, destination: Destination, say: Callable[[str], None] 
             commit = _upload(staging, run_dir, destination.repo_id)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
         Journal(run_dir / JOURNAL).append({
             "type": "publish", "repo": destination.repo_id, "commit": commit.oid, "url": commit.commit_url,
+            "evaluations": report["evaluations"], "winner": report["winner"]["from"],
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     return commit.commit_url
+
+
+def published(run_dir: Path, repo_id: str, report: Dict[str, Any]) -> Optional[str]:
+    """The commit URL of the latest push of this very result (same evaluations, same winner) to repo_id."""
+    pushes = [r for r in Journal(run_dir / JOURNAL, repair=False).of_type("publish") if r["repo"] == repo_id]
+    if pushes and (pushes[-1].get("evaluations"), pushes[-1].get("winner")) == (
+            report["evaluations"], report.get("winner", {}).get("from")):
+        return pushes[-1]["url"]
+    return None
 
 
 def check_publishable(run_dir: Path) -> None:
@@ -222,7 +244,7 @@ def _upload(staging: Path, run_dir: Path, repo_id: str):
         return client.upload_folder(repo_id=repo_id, folder_path=staging, commit_message=message,
                                     delete_patterns=[hub.exact_pattern(f) for f in stale] or None)
     except Exception as exc:  # noqa: BLE001 - every failure ends as one line, the run folder untouched
-        raise PublishError(run_dir, repo_id, hub.failure(exc, repo_id)) from None
+        raise PublishError(run_dir, repo_id, hub.failure(exc, repo_id, offline_hint=False)) from None
 
 
 def _run_record(run_dir: Path) -> Dict[str, Any]:

@@ -116,9 +116,11 @@ class HubCheckpoints(Frozen):
         """Paths inside the repo, without leading or trailing slashes (`checkpoint-1/` is `checkpoint-1`)."""
         if values is None:
             return None
-        paths = tuple(value.strip("/") for value in values)
+        paths = tuple("/".join(part for part in value.split("/") if part not in ("", ".")) for value in values)
         for value, path in zip(values, paths):
-            if not path or ".." in path.split("/"):
+            if not path:
+                raise ValueError(f"{value!r} is the repo root: for a checkpoint at the root, leave out subfolders")
+            if ".." in path.split("/"):
                 raise ValueError(f"{value!r} is not a folder inside the repo")
         return paths
 

@@ -50,6 +50,8 @@ def hub(small_pool):
             server.create_branch(RUN_REPO, branch)
             server.commit(RUN_REPO, files_of(pool_dir / checkpoint), branch=branch)
         server.create_tag(RUN_REPO, "v1", "stage2-step1000")
+        server.create_branch(RUN_REPO, "stage1-broken")  # a config and no weights: globs pass it by
+        server.commit(RUN_REPO, {"config.json": files_of(pool_dir / "post-1")["config.json"]}, branch="stage1-broken")
         server.create_repo(SFT_REPO)
         sft = {"README.md": b"# an SFT run\n", "logs/events.txt": b"no checkpoint here\n"}
         for folder, checkpoint in FOLDERS.items():
@@ -154,6 +156,8 @@ def test_pool_globs_resolve_to_pinned_commits_and_only_the_needed_files_are_down
     ({"repo": "lab/pickled"}, ["pool[0]", "only pickle weights", "allow_pickle: true"]),
     ({"repo": "alice/secret"}, ["pool[0]", "repo alice/secret not found", "no Hub token is set"]),
     ({"repo": RUN_REPO, "revisions": ["*"], "subfolders": ["nowhere"]}, ["pool[0]", "subfolder 'nowhere' matches no"]),
+    ({"repo": RUN_REPO, "revisions": ["stage1-broken"]}, ["pool[0]", "has no model weights"]),
+    ({"repo": SFT_REPO, "subfolders": ["./"]}, ["pool[0].subfolders", "leave out subfolders"]),
 ])
 def test_a_bad_hub_entry_fails_with_one_line_naming_it(hub, small_pool, tmp_path, entry, expected):
     recipe = write_recipe(tmp_path, small_pool, [entry, {"repo": RUN_REPO, "revisions": ["v1"]}])
@@ -252,6 +256,15 @@ def test_optimize_pushes_the_winner_with_its_card_and_it_loads_back(pushed, onli
     assert journal[0]["type"] == "run" and all("path" not in c for c in journal[0]["checkpoints"])
     assert [c["sha"] for c in journal[0]["checkpoints"]][-1] == session.server.head(SFT_REPO)
     assert set(report["checkpoints"].values()) == {c["source"] for c in journal[0]["checkpoints"]}
+
+
+def test_rerunning_a_pushed_run_pushes_nothing_new(pushed):
+    session, recipe, run_dir, result = pushed
+    served = len(session.server.requests)
+    again = session.run("optimize", str(recipe), "--push", "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert f"published already, with nothing new since: {session.server.url}/{PUSHED}/commit/" in again.stdout
+    assert not [path for method, path, _ in session.server.requests[served:] if "/commit/" in path]
 
 
 def test_the_published_config_rebuilds_the_same_merge_anywhere(pushed, online_client, tmp_path):
