@@ -188,8 +188,8 @@ def stage(run_dir: Path, repo_id: str) -> Path:
         if (run_dir / name).is_file():
             _link(run_dir / name, staging / name)
     (staging / "mergekit_config.yml").write_text(portable_config(winner, run), encoding="utf-8")
-    public_report = {**report, "checkpoints": {c["name"]: Checkpoint.model_validate(c).published_source
-                                               for c in run["checkpoints"]}}
+    public_report = {**report, "rows": [_without_home(row) for row in report["rows"]],
+                     "checkpoints": {c["name"]: Checkpoint.model_validate(c).published_source for c in run["checkpoints"]}}
     (staging / "recycle" / "report.json").write_text(json.dumps(public_report, indent=2), encoding="utf-8")
     records = Journal(run_dir / JOURNAL, repair=False).records
     (staging / "recycle" / "journal.json").write_text(json.dumps(export_journal(records), indent=1), encoding="utf-8")
@@ -226,11 +226,20 @@ def export_journal(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
     exported = []
     for record in records:
+        record = _without_home(record)
         if record.get("type") == "run":
             record = {**record, "checkpoints": [public(c) for c in record["checkpoints"]], "base": public(record.get("base")),
                       "entries": {k: entry(v) for k, v in record.get("entries", {}).items()}}
         exported.append(record)
     return exported
+
+
+def _without_home(record: Dict[str, Any]) -> Dict[str, Any]:
+    """A failed evaluation's message may name a file under the home folder: given as ~ instead."""
+    home = str(Path.home())
+    if not record.get("error") or home in ("", "/"):
+        return record
+    return {**record, "error": record["error"].replace(home, "~")}
 
 
 def _upload(staging: Path, run_dir: Path, repo_id: str):
