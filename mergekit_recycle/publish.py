@@ -131,12 +131,12 @@ def publish(run_dir: Path, destination: Destination, say: Callable[[str], None] 
     from mergekit_recycle.optimize import locked
 
     with locked(run_dir):
-        staging = stage(run_dir, destination.repo_id)
         try:
+            staging = stage(run_dir, destination.repo_id)
             say(f"pushing {_size(staging)} to {destination.repo_id}")
             commit = _upload(staging, run_dir, destination.repo_id)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(run_dir / STAGING, ignore_errors=True)
         report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
         Journal(run_dir / JOURNAL).append({
             "type": "publish", "repo": destination.repo_id, "commit": commit.oid, "url": commit.commit_url,
