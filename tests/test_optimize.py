@@ -508,3 +508,27 @@ def test_a_metric_that_is_better_when_lower_is_refused(small_pool, tmp_path):
     recipe.write_text(yaml.safe_dump(data))
     result = optimize_cli(recipe, tmp_path / "run")
     assert result.returncode == 2 and "tasks[0].metric" in result.stderr and "better when lower" in result.stderr, result.stderr
+
+
+def test_pickle_weights_are_refused_unless_the_entry_allows_them(small_pool, tmp_path):
+    directory, _ = small_pool
+    pickled = tmp_path / "post-2-pickled"
+    shutil.copytree(directory / "post-2", pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    data = yaml.safe_load((directory / "recipe.yaml").read_text())
+    data |= {"pool": [{"path": str(directory / "post-1")}, {"path": str(pickled)}],
+             "task_paths": [str(directory / "tasks")], "output": {"run_dir": str(tmp_path / "run")}}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    refused = optimize_cli(recipe, tmp_path / "run", "--budget", "2")
+    assert refused.returncode == 2 and len(lines(refused.stderr)) == 1, refused.stderr
+    assert "pool[1]" in refused.stderr and "set `allow_pickle: true` on its entry" in refused.stderr
+
+    data["pool"][1]["allow_pickle"] = True
+    recipe.write_text(yaml.safe_dump(data))
+    allowed = optimize_cli(recipe, tmp_path / "run", "--budget", "2")
+    assert allowed.returncode == 0, allowed.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert list(report["checkpoints"]) == ["post-1", "post-2-pickled"] and report["evaluations"] == 2
+    assert (tmp_path / "run" / "merged" / "model.safetensors").is_file()
