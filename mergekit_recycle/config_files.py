@@ -1,6 +1,8 @@
-"""Reading YAML files into pydantic models, with one-line errors that name the field."""
+"""Reading YAML files into pydantic models, with one-line errors that name the field; writing
+files so that a reader never sees half of one."""
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Type, TypeVar
@@ -112,3 +114,12 @@ def validate_model(
     except (ValueError, TypeError, RuntimeError) as exc:
         # Validators of third-party models (mergekit's) raise plain exceptions.
         raise error(path, "", " ".join(str(exc).split()) or type(exc).__name__) from None
+
+
+def write_atomically(path: Path, text: str) -> Path:
+    """Write `text` to a file beside `path`, then rename it into place: a reader (or a killed run)
+    sees the old file or the new one, never half of one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+    return path

@@ -7,6 +7,7 @@ the others absolute so that mergekit's model card does not ask the Hub about the
 fetch Hub references as the pool does, including `hf://repo@sha/subfolder` ones.
 """
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
@@ -124,18 +125,10 @@ def _resolve_path(model_path: ModelPath, location: str, config_file: Path, fetch
 HF_URL = "hf://"
 
 
-def hub_fetcher(trust_remote_code: bool = False) -> Callable[[ModelPath, str, Path], ModelPath]:
-    """Fetches a model's Hub reference as the pool fetches checkpoints: safetensors only, into the HF
+def _from_hub(model_path: ModelPath, location: str, config_file: Path, trust_remote_code: bool = False) -> ModelPath:
+    """A model's Hub reference fetched as the pool fetches checkpoints: safetensors only, into the HF
     cache (offline from it). `repo[@revision]`, or `hf://repo@revision/subfolder` for a checkpoint
     folder inside a repo, which plain mergekit cannot read; in that form the revision has no `/`."""
-
-    def fetch(model_path: ModelPath, location: str, config_file: Path) -> ModelPath:
-        return _from_hub(model_path, location, config_file, trust_remote_code)
-
-    return fetch
-
-
-def _from_hub(model_path: ModelPath, location: str, config_file: Path, trust_remote_code: bool) -> ModelPath:
     from mergekit_recycle.hub_pool import fetch_reference
 
     if model_path.path.startswith(HF_URL):
@@ -172,7 +165,7 @@ def _map_references(value: Any, location: str, change: Callable[[ModelReference,
 def resolve_paths(config: MergeConfiguration, config_file: Path, trust_remote_code: bool = False) -> MergeConfiguration:
     """Make local model (and LoRA) paths absolute, refusing ones that do not exist, and fetch the
     models' Hub references (a LoRA adapter on the Hub is left to mergekit, which merges it)."""
-    fetch = hub_fetcher(trust_remote_code)
+    fetch = functools.partial(_from_hub, trust_remote_code=trust_remote_code)
 
     def resolve(reference: ModelReference, location: str) -> ModelReference:
         return reference.model_copy(

@@ -1,12 +1,12 @@
 """Proposals as mergekit YAML: the file `mergekit-recycle merge` (or mergekit-yaml with the
 plugin imported) turns into the very model the search scored."""
 
-import os
 from pathlib import Path
 from typing import Any, Dict
 
 import yaml
 
+from mergekit_recycle.config_files import write_atomically
 from mergekit_recycle.constants import RECYCLE_LINEAR
 from mergekit_recycle.pool import Pool
 from mergekit_recycle.proposal import Merge
@@ -32,7 +32,4 @@ def write_merge_config(path: Path, merge: Merge, pool: Pool, dtype: str, title: 
     text = f"# {title}\n# Reproduce: mergekit-recycle merge {path.name} OUT_DIR\n"
     text += yaml.safe_dump(merge_config(merge, pool, dtype), sort_keys=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    return write_atomically(path, text)

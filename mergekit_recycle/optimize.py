@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 from mergekit_recycle import constants
 from mergekit_recycle.baselines import baseline_merges
 from mergekit_recycle.candidate import SPLITS, CandidateEvaluator, Split
+from mergekit_recycle.config_files import write_atomically
 from mergekit_recycle.errors import ConfigFileError, RunDirError, SearchAbortedError
 from mergekit_recycle.hub import PICKLE_FILE
 from mergekit_recycle.journal import JOURNAL, Journal
@@ -381,12 +382,6 @@ def start_session(journal: Journal, recipe: Recipe, pool: Pool, options: RunOpti
     journal.append({"type": "session", "started": _now(), "budget": options.budget,
                     "time_budget": options.time_budget, "device": options.device})
     write_atomically(options.run_dir / RECIPE_COPY, recipe_text)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
 
 
 def earlier_pins(options: RunOptions) -> Dict[str, Any]:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from mergekit_recycle.config_files import write_atomically
 from mergekit_recycle.errors import RunDirError
 from mergekit_recycle.journal import JOURNAL, Journal
 
@@ -234,9 +235,7 @@ def _save(figure, path: Path) -> Path:
 def write_report(run_dir: Path, report: Dict[str, Any], records: List[Record]) -> None:
     """report.json, report.md and the plots, each replaced atomically."""
     for name, text in (("report.json", json.dumps(report, indent=2)), ("report.md", markdown(report))):
-        partial = run_dir / f"{name}.partial"
-        partial.write_text(text + "\n", encoding="utf-8")
-        partial.replace(run_dir / name)
+        write_atomically(run_dir / name, text + "\n")
     plot(run_dir, report, records)
 
 
