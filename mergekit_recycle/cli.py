@@ -7,7 +7,7 @@ status (2 for input the user can fix); MERGEKIT_RECYCLE_DEBUG=1 shows the traceb
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional, Tuple
 
 import click
 
@@ -174,11 +174,28 @@ class Duration(click.ParamType):
         return total
 
 
+class Budget(click.ParamType):
+    """Proposals to evaluate: `200` (the run's total) or `+50` (on top of what the run has evaluated)."""
+
+    name = "budget"
+
+    def convert(self, value: Any, param, ctx) -> Tuple[int, bool]:
+        if isinstance(value, tuple):
+            return value
+        text = str(value).strip()
+        increment = text.startswith("+")
+        number = text[1:] if increment else text
+        if not number.isdigit() or (int(number) < 1 and not increment):
+            self.fail(f"{value!r} is not a budget: a number of evaluations (200), or +N to add N to the run's", param, ctx)
+        return int(number), increment
+
+
 @cli.command("optimize")
 @click.argument("recipe_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the journal, proposals and report go (default: the recipe's output.run_dir).")
-@click.option("--budget", type=click.IntRange(min=1), help="Proposals to evaluate (default: the recipe's search.budget).")
+@click.option("--budget", type=Budget(), help="Proposals to evaluate in all, or +N: N more than the run has "
+              "evaluated (default: the recipe's search.budget).")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), help="Seed of CMA-ES and the task subsets (default: search.seed).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where to merge and score (default: the recipe's merge.device; auto takes a GPU when there is one).")
@@ -190,10 +207,14 @@ class Duration(click.ParamType):
 @click.option("--push/--no-push", default=None,
               help="Publish the winner to the Hub (to output.hub_repo, else <you>/<recipe name>). "
               "Default: push when the recipe sets output.hub_repo. Access is checked before the search.")
+@click.option("--resume-from-hub", is_flag=True,
+              help="Keep the search in the output repo's recycle/ folder: continue the search saved there, save it "
+              "after every generation, and with --push publish a new model only when its holdout objective beats the "
+              "published one (for scheduled runs on ephemeral runners).")
 @click.option("--quiet", is_flag=True, help="No progress bar or progress lines (for CI logs).")
-def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optional[int], seed: Optional[int],
-                     device: Optional[str], time_budget: Optional[float], restart: bool, batch_size: int,
-                     push: Optional[bool], quiet: bool) -> None:
+def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optional[Tuple[int, bool]],
+                     seed: Optional[int], device: Optional[str], time_budget: Optional[float], restart: bool,
+                     batch_size: int, push: Optional[bool], resume_from_hub: bool, quiet: bool) -> None:
     """Search the best linear merge of RECIPE_FILE's pool with CMA-ES, then report it against the baselines.
 
     Rerun the same command to continue a run that stopped; raise --budget to search further.
@@ -206,14 +227,21 @@ def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optiona
 
     recipe = load_recipe(recipe_file)
     check_tasks_exist(recipe, recipe_file)
-    destination = None
-    if push or (push is None and recipe.output.hub_repo):
+    pushing = bool(push or (push is None and recipe.output.hub_repo))
+    destination, hub_state = None, None
+    if pushing or resume_from_hub:
         from mergekit_recycle.publish import check_push_access
 
         destination = check_push_access(recipe.output.hub_repo, recipe.output.private, recipe.name)
+    if resume_from_hub:
+        from mergekit_recycle.hub_state import HubState
+
+        hub_state = HubState.read(destination.repo_id)
+    count, increment = budget or (recipe.search.budget, False)
     options = RunOptions(
         run_dir=(run_dir or recipe.output.run_dir).absolute(),
-        budget=budget or recipe.search.budget,
+        budget=count,
+        budget_is_increment=increment,
         seed=recipe.search.seed if seed is None else seed,
         device=device or recipe.merge.device,
         time_budget=time_budget,
@@ -222,11 +250,13 @@ def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optiona
         started=started,
     )
     say = quiet_say(quiet)
-    report = optimize(recipe, recipe_file, options, say=say, progress=not quiet)
+    report = optimize(recipe, recipe_file, options, say=say, progress=not quiet, hub_state=hub_state)
     click.echo(table(report, splits=("holdout",)))
     click.echo(holdout_summary(report))
     click.echo(f"report: {options.run_dir / 'report.md'}" + (f"; merged model: {options.run_dir / 'merged'}" if "winner" in report else ""))
-    if destination is not None:
+    if hub_state is not None:
+        click.echo(hub_state.conclude(options.run_dir, report, destination, pushing, say))
+    elif destination is not None:
         from mergekit_recycle.publish import publish, published
 
         if "winner" not in report:
@@ -234,7 +264,7 @@ def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optiona
         elif (earlier := published(options.run_dir, destination.repo_id, report)) is not None:
             click.echo(f"published already, with nothing new since: {earlier}")
         else:
-            click.echo(f"published: {publish(options.run_dir, destination, say)}")
+            click.echo(f"published: {publish(options.run_dir, destination, say).commit_url}")
 
 
 @cli.command("publish")
@@ -262,7 +292,7 @@ def publish_command(run_dir: Path, repo_id: Optional[str], private: Optional[boo
     defaults = publish_defaults(run_dir)
     destination = check_push_access(repo_id or defaults["hub_repo"],
                                     defaults["private"] if private is None else private, defaults["name"])
-    click.echo(publish(run_dir, destination, quiet_say(quiet)))
+    click.echo(publish(run_dir, destination, quiet_say(quiet)).commit_url)
 
 
 def quiet_say(quiet: bool) -> Callable[[str], None]:
@@ -287,13 +317,21 @@ def holdout_summary(report: dict) -> str:
 @cli.command("report")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print report.json's content instead of the table.")
-def report_command(run_dir: Path, as_json: bool) -> None:
+@click.option("--summary", "as_summary", is_flag=True,
+              help="Print a short Markdown summary of the latest session: holdout table, margins, what was "
+              "published (e.g. >> \"$GITHUB_STEP_SUMMARY\").")
+def report_command(run_dir: Path, as_json: bool, as_summary: bool) -> None:
     """Print the report of RUN_DIR, finished or still running (built from its journal)."""
-    from mergekit_recycle.report import load_report, table
+    from mergekit_recycle.report import load_report, summary, table
 
     report = load_report(run_dir)
     if as_json:
         click.echo(json.dumps(report, indent=2))
+        return
+    if as_summary:
+        from mergekit_recycle.journal import JOURNAL, Journal
+
+        click.echo(summary(report, Journal(run_dir / JOURNAL, repair=False).records), nl=False)
         return
     click.echo(table(report))
     click.echo(holdout_summary(report))

@@ -193,3 +193,34 @@ class PublishError(RecycleError, OSError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+class HubStateError(RecycleError, OSError):
+    """The search state kept in ``repo_id``'s recycle/ folder cannot be read or saved."""
+
+    def __init__(self, repo_id: str, message: str):
+        self.repo_id = repo_id
+        self.message = message
+        super().__init__(f"{repo_id}: search state: {message}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class ConcurrentRunError(RecycleError, RuntimeError):
+    """Another run committed to ``repo_id``'s search state since this run read it (at ``expected``).
+
+    This run stops rather than overwrite it; its own run folder keeps everything it evaluated.
+    """
+
+    def __init__(self, repo_id: str, expected: str, found: str, title: str):
+        self.repo_id = repo_id
+        self.expected = expected
+        self.found = found
+        self.title = title
+        super().__init__(f"{repo_id}: another run saved its search state there ({found[:7]} \"{title}\") since this run "
+                         f"read it at {expected[:7]}; stopping so as not to overwrite it. Let one run at a time search "
+                         "this repo (the workflow's concurrency group does); this run's evaluations stay in its run folder")
+
+    def __str__(self) -> str:
+        return self.args[0]

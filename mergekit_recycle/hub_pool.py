@@ -34,12 +34,13 @@ def pins_from_run(run: Optional[Dict[str, Any]]) -> Dict[str, Pinned]:
     """The pins a journal's `run` record holds, by recipe location (`pool[0]`, `base`)."""
     if not run or "entries" not in run:
         return {}
-    checkpoints = [Checkpoint.model_validate(c) for c in run["checkpoints"]]
+    # A run record read from the Hub (hub_state.py) names no folders: a pin needs none.
+    checkpoints = [Checkpoint.model_validate({"path": ".", **c}) for c in run["checkpoints"]]
     pins = {location: Pinned(entry, tuple(c for c in checkpoints if c.location == location and c.sha))
             for location, entry in run["entries"].items()}
     if run.get("base") and "base" in pins:
         # An anchor that is also a pool member was journaled under the member's location.
-        base = Checkpoint.model_validate(run["base"]).model_copy(update={"location": "base"})
+        base = Checkpoint.model_validate({"path": ".", **run["base"]}).model_copy(update={"location": "base"})
         pins["base"] = Pinned(pins["base"].entry, (base,) if base.sha else ())
     return pins
 

@@ -81,7 +81,7 @@ def _body(report: Dict[str, Any], checkpoints: List[Checkpoint], base: Optional[
               + (" The search was stopped early by its time budget." if report.get("stopped_early") else ""),
               "", "![objective over the search](progress.png)", "", "![scores per task](tasks.png)", "",
               "![weights of the winner](weights.png)", "",
-              "The full journal of the search is in `recycle/journal.json` and the report in `recycle/report.json`.",
+              "The full journal of the search is in `recycle/journal.jsonl` (JSON Lines, one record an evaluation), CMA-ES's state in `recycle/search.json`, and the report in `recycle/report.json`.",
               "", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", "",
               "## Reproduce", "",
               "`mergekit_config.yml` names every checkpoint by its pinned commit. Rebuild this merge with:", "",

@@ -9,12 +9,14 @@ RUN_DIR holds:
   journal.jsonl          every evaluation, appended and fsync'ed (see journal.py)
   proposals/NNNNNN.yaml  each proposal as a mergekit YAML, written before it is evaluated
   recipe.yaml            the recipe as the latest session read it
+  search.json            CMA-ES's state after the latest generation (a check on the replay)
   winner.yaml            the best merge on the search tasks, as a mergekit YAML
   report.json, report.md, *.png   the report (see report.py)
   merged/                the winner merged to disk by mergekit, with mergekit_config.yml
 """
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -26,7 +28,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional
 
 from mergekit_recycle import constants
 from mergekit_recycle.baselines import baseline_merges
@@ -41,10 +43,15 @@ from mergekit_recycle.proposal import Merge, SearchSpace
 from mergekit_recycle.recipe import Recipe
 from mergekit_recycle.search import CMAES
 
+if TYPE_CHECKING:
+    from mergekit_recycle.hub_state import HubState
+
 Record = Dict[str, Any]
 SAMPLE_BYTES = 2**20
 # The recipe as the latest session was given it: what `publish` cards and pushes.
 RECIPE_COPY = "recipe.yaml"
+# CMA-ES's state after the latest generation: what a replay of the journal must reach again.
+SEARCH_STATE = "search.json"
 # Writing the winner to disk reads its checkpoints and writes one; assume at least this rate.
 DISK_BYTES_PER_SECOND = 200 * 2**20
 
@@ -62,13 +69,14 @@ class RunOptions:
     in_memory: Optional[bool] = None  # None: keep the pool in memory when it fits
     batch_size: int = constants.DEFAULT_BATCH_SIZE
     started: Optional[float] = None  # time.monotonic() when the command started; None: when optimize() is called
+    budget_is_increment: bool = False  # budget counts the evaluations to add to the run's, not the run's total
 
 
 class OutOfTime(Exception):
     """The time budget leaves no room for another evaluation."""
 
 
-def fingerprint(recipe: Recipe, pool: Pool) -> Dict[str, str]:
+def fingerprint(recipe: Recipe, pool: Pool, absolute_paths: bool = False) -> Dict[str, str]:
     """Hashes of what a run's results depend on, part by part, so a changed recipe can be named."""
 
     def files(path: Path) -> List[Any]:
@@ -91,11 +99,16 @@ def fingerprint(recipe: Recipe, pool: Pool) -> Dict[str, str]:
                 identity.append([file.name, size, hashlib.sha256(head + tail).hexdigest()])
         return identity
 
+    def where(path: Path) -> str:
+        # Relative to the recipe, so that a checkout elsewhere (another runner, another laptop)
+        # continues the same run; version 1 journals recorded absolute paths.
+        return str(path) if absolute_paths else os.path.relpath(path, pool.source.parent)
+
     parts = {
         # A Hub checkpoint's commit SHA names its content already: its files need not be read.
-        "pool": [[c.name, c.source, files(c.path) if c.sha is None else None] for c in pool.inputs]
-                + [pool.base.name if pool.base else None],
-        "tasks": [task.model_dump(mode="json") for task in recipe.tasks] + [[str(p) for p in recipe.task_paths]],
+        "pool": [[c.name, c.source if c.sha else where(c.path), files(c.path) if c.sha is None else None]
+                 for c in pool.inputs] + [pool.base.name if pool.base else None],
+        "tasks": [task.model_dump(mode="json") for task in recipe.tasks] + [[where(p) for p in recipe.task_paths]],
         "search": recipe.search.model_dump(mode="json", exclude={"budget"}),
         "merge": recipe.merge.dtype,
     }
@@ -132,7 +145,8 @@ class Run:
     """One search, applied to a run folder; each method is a stage of the plan."""
 
     def __init__(self, recipe: Recipe, source: Path, pool: Pool, options: RunOptions, journal: Journal,
-                 evaluator: CandidateEvaluator, say: Callable[[str], None], progress: bool):
+                 evaluator: CandidateEvaluator, say: Callable[[str], None], progress: bool,
+                 saved: Callable[[], None] = lambda: None):
         self.recipe = recipe
         self.source = source
         self.pool = pool
@@ -141,6 +155,9 @@ class Run:
         self.evaluator = evaluator
         self.say = say
         self.progress = progress
+        self.saved = saved  # called whenever the journal has grown by a stage or a generation
+        self.saved_at = len(journal.records)
+        self.recorded_state = read_search_state(options.run_dir)
         self.started = options.started if options.started is not None else time.monotonic()
         self.failures_in_a_row = 0
         # Earlier sessions' timings, so that a resumed run plans its time budget from the start.
@@ -255,6 +272,7 @@ class Run:
         self.evaluate(merges["greedy soup"][1], "search", "greedy", "greedy soup")
         for name, (kind, merge) in merges.items():
             self.evaluate(merge, "holdout", kind, name)
+        self.save()
         return {name: merge for name, (kind, merge) in merges.items()}
 
     def search(self, baselines: Dict[str, Merge]) -> None:
@@ -264,7 +282,7 @@ class Run:
                     population=self.recipe.search.population, inject=start["inject"])
         failed_fitness = start["failed_fitness"]
         recorded = {record["id"]: record for record in self.journal.of_type("evaluation") if record["kind"] == "proposal"}
-        evaluations = sum(1 for record in recorded.values() if record["reused"] is None)
+        evaluations = self._evaluations()
         bar = self._progress_bar(evaluations)
         next_id = 0
         try:
@@ -273,7 +291,7 @@ class Run:
                 for point in points:
                     proposal_id, next_id = next_id, next_id + 1
                     record = recorded.get(proposal_id)
-                    if record is not None and record["coordinates"] != point:
+                    if record is not None and not _close(record["coordinates"], point):
                         raise RunDirError(self.options.run_dir, f"{JOURNAL}: proposal {proposal_id} does not match what "
                                           "this search proposes; the journal comes from another version or was edited: "
                                           "rerun with --restart")
@@ -288,9 +306,38 @@ class Run:
                                 bar.update(1)
                     fitnesses.append(-record["objective"] if record["status"] == "ok" else failed_fitness)
                 cma.tell(points, fitnesses)
+                self._check_replay(cma)
+                self.save(cma)
         finally:
             if bar:
                 bar.close()
+
+    def save(self, cma: Optional[CMAES] = None) -> None:
+        """After a stage or a generation that added to the journal: write search.json, then call `saved`."""
+        if len(self.journal.records) == self.saved_at:
+            return  # replayed: nothing new
+        if cma is not None:
+            write_atomically(self.options.run_dir / SEARCH_STATE, json.dumps(
+                {**cma.state(), "evaluations": self._evaluations(), "records": len(self.journal.records)}, indent=1))
+        self.saved_at = len(self.journal.records)
+        self.saved()
+
+    def _evaluations(self) -> int:
+        return proposals_evaluated(self.journal.records)
+
+    def _check_replay(self, cma: CMAES) -> None:
+        """A replay that reaches the generation search.json recorded must reach its state too: CMA-ES
+        rebuilt by another cma (or numpy) than the run's would otherwise go on from somewhere else."""
+        recorded = self.recorded_state
+        if not recorded or recorded["generation"] != cma.generation:
+            return
+        state = cma.state()
+        if state["restarts"] != recorded["restarts"] or not _close([state["sigma"], *state["mean"]],
+                                                                   [recorded["sigma"], *recorded["mean"]]):
+            raise RunDirError(self.options.run_dir, f"{SEARCH_STATE}: replaying the journal reaches another CMA-ES "
+                              f"state at generation {cma.generation} (sigma {state['sigma']:.6g}, recorded "
+                              f"{recorded['sigma']:.6g}); the run was searched with cma {recorded['cma']}, this is cma "
+                              f"{state['cma']}: install cma=={recorded['cma']}, or rerun with --restart")
 
     def _search_start(self, baselines: Dict[str, Merge]) -> Record:
         """Where CMA-ES starts and what it is shown first, journaled once: a resumed run replays
@@ -351,12 +398,33 @@ class Run:
         return merge
 
 
+def proposals_evaluated(records: List[Record]) -> int:
+    """Proposals the search evaluated (not reused): what --budget counts."""
+    return len({r["id"] for r in records if r.get("type") == "evaluation" and r["kind"] == "proposal" and r["reused"] is None})
+
+
+def read_search_state(run_dir: Path) -> Optional[Record]:
+    """search.json: CMA-ES's state after the last generation journaled (None before the first)."""
+    path = run_dir / SEARCH_STATE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        raise RunDirError(run_dir, f"{SEARCH_STATE} is not JSON: delete it (the journal alone resumes the run)") from None
+
+
+def _close(a: List[float], b: List[float]) -> bool:
+    """The same point, up to the last bits another CPU's BLAS may round differently."""
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-7, abs_tol=1e-9) for x, y in zip(a, b))
+
+
 def open_journal(recipe: Recipe, pool: Pool, options: RunOptions) -> Journal:
     """The run folder's journal; refused when it holds a run of another recipe."""
     journal = Journal(options.run_dir / JOURNAL)
     runs = journal.of_type("run")
     if runs:
-        prints, earlier = fingerprint(recipe, pool), runs[0]["fingerprint"]
+        prints, earlier = fingerprint(recipe, pool, absolute_paths=runs[0].get("version") == 1), runs[0]["fingerprint"]
         changed = [part for part in prints if prints[part] != earlier.get(part)]
         if changed:
             raise RunDirError(options.run_dir, f"holds a run of a different recipe ({', '.join(changed)} changed); "
@@ -364,18 +432,23 @@ def open_journal(recipe: Recipe, pool: Pool, options: RunOptions) -> Journal:
     return journal
 
 
+def run_identity(recipe: Recipe, pool: Pool) -> Record:
+    """The part of the `run` record that names this machine's checkpoints (and the entries they came from)."""
+    entries = {f"pool[{i}]": entry for i, entry in enumerate(recipe.pool)}
+    if recipe.base is not None:
+        entries["base"] = recipe.base
+    return {"checkpoints": [c.model_dump(mode="json") for c in pool.checkpoints],
+            "base": pool.base.model_dump(mode="json") if pool.base else None,
+            # The entries the checkpoints were resolved from: their Hub pins hold while an entry is unchanged.
+            "entries": {location: entry.model_dump(mode="json") for location, entry in entries.items()}}
+
+
 def start_session(journal: Journal, recipe: Recipe, pool: Pool, options: RunOptions, recipe_text: str) -> None:
     """Journal what this run is (once, when it first gets going) and what this session was asked."""
     if not journal.of_type("run"):
-        entries = {f"pool[{i}]": entry for i, entry in enumerate(recipe.pool)}
-        if recipe.base is not None:
-            entries["base"] = recipe.base
         journal.append({
-            "type": "run", "version": 1, "recipe": recipe.name, "fingerprint": fingerprint(recipe, pool),
-            "started": _now(), "checkpoints": [c.model_dump(mode="json") for c in pool.checkpoints],
-            "base": pool.base.model_dump(mode="json") if pool.base else None,
-            # The entries the checkpoints were resolved from: their Hub pins hold while an entry is unchanged.
-            "entries": {location: entry.model_dump(mode="json") for location, entry in entries.items()},
+            "type": "run", "version": 2, "recipe": recipe.name, "fingerprint": fingerprint(recipe, pool),
+            "started": _now(), **run_identity(recipe, pool),
             "tasks": [{"name": t.name, "search": t.search, "holdout": t.holdout, "metric": t.metric, "weight": t.weight}
                       for t in recipe.tasks],
         })
@@ -384,14 +457,16 @@ def start_session(journal: Journal, recipe: Recipe, pool: Pool, options: RunOpti
     write_atomically(options.run_dir / RECIPE_COPY, recipe_text)
 
 
-def earlier_pins(options: RunOptions) -> Dict[str, Any]:
-    """The Hub pins of the run in options.run_dir (none for a new run or --restart)."""
+def earlier_pins(options: RunOptions, hub_state: Optional["HubState"] = None) -> Dict[str, Any]:
+    """The Hub pins of the run in options.run_dir, else of the run kept on the Hub (none for a new run or --restart)."""
     from mergekit_recycle.hub_pool import pins_from_run
 
     path = options.run_dir / JOURNAL
-    if options.restart or not path.is_file():
+    if options.restart:
         return {}
-    runs = Journal(path, repair=False).of_type("run")
+    runs = Journal(path, repair=False).of_type("run") if path.is_file() else []
+    if not runs and hub_state is not None:
+        runs = [record for record in hub_state.records if record.get("type") == "run"]
     return pins_from_run(runs[0] if runs else None)
 
 
@@ -405,11 +480,14 @@ def prepare_run_dir(options: RunOptions, say: Callable[[str], None]) -> None:
 
 
 def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[str], None] = lambda line: None,
-             progress: bool = False, evaluator: Optional[Callable[..., CandidateEvaluator]] = None) -> Dict[str, Any]:
+             progress: bool = False, evaluator: Optional[Callable[..., CandidateEvaluator]] = None,
+             hub_state: Optional["HubState"] = None) -> Dict[str, Any]:
     """Run (or continue) the search of `recipe` in options.run_dir; return the report.
 
     `evaluator` builds the CandidateEvaluator from (recipe, pool, device, source); the
-    default merges into one resident model in this process.
+    default merges into one resident model in this process. With `hub_state`, the run
+    continues the search kept on the Hub, and commits the journal there after every
+    stage and generation (see hub_state.py).
     """
     from mergekit_recycle.candidate import ResidentEvaluator
     from mergekit_recycle.report import build_report, write_report
@@ -417,10 +495,15 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
 
     recipe = recipe.model_copy(update={"search": recipe.search.model_copy(update={"seed": options.seed,
                                                                                    "budget": options.budget})})
-    pool = resolve_pool(recipe, source, pins=earlier_pins(options))
+    pool = resolve_pool(recipe, source, pins=earlier_pins(options, hub_state))
     prepare_run_dir(options, say)
     with locked(options.run_dir):
+        if hub_state is not None and not options.restart:
+            hub_state.adopt(options.run_dir, run_identity(recipe, pool), say)
         journal = open_journal(recipe, pool, options)
+        if options.budget_is_increment:
+            options = dataclasses.replace(options, budget=proposals_evaluated(journal.records) + options.budget,
+                                          budget_is_increment=False)
         device = resolve_device(options.device)
         say(f"pool: {len(pool.checkpoints)} checkpoints ({', '.join(pool.names)}), device {device}")
         build = evaluator or (lambda *args: ResidentEvaluator(*args, in_memory=options.in_memory,
@@ -430,7 +513,8 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
             say(candidate_evaluator.describe())
         # Only now, once the pool loaded: a run that could not start leaves no record to be refused by.
         start_session(journal, recipe, pool, options, source.read_text(encoding="utf-8"))
-        run = Run(recipe, source, pool, options, journal, candidate_evaluator, say, progress)
+        saved = (lambda: hub_state.save(options.run_dir, say)) if hub_state is not None else (lambda: None)
+        run = Run(recipe, source, pool, options, journal, candidate_evaluator, say, progress, saved)
         stopped_early = False
         try:
             run.search(run.baselines())
@@ -439,6 +523,7 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
             say("time budget reached: stopping the search, writing the report for what was evaluated")
         except SearchAbortedError:
             write_report(options.run_dir, build_report(journal.records), journal.records)
+            run.save()
             raise
         winner = run.finish()
         journal.append({"type": "finish", "time": _now(), "stopped_early": stopped_early})

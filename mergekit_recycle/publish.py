@@ -1,5 +1,5 @@
 """Publishing a run's winner to the Hub: one commit with the merged model, its model card, the
-plots, and the journal and report under `recycle/`.
+plots, and the report and search state (journal.jsonl, search.json) under `recycle/`.
 
 Access is checked before the search starts (`check_push_access`), so that hours of search
 never end in a push that cannot happen. The push itself (`publish`) reads only the run
@@ -14,12 +14,13 @@ import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import yaml
 
 from mergekit_recycle import hub
 from mergekit_recycle.errors import HubAccessError, PublishError, RunDirError
+from mergekit_recycle.hub_state import state_files, without_home
 from mergekit_recycle.journal import JOURNAL, Journal
 from mergekit_recycle.pool import Checkpoint
 
@@ -126,23 +127,29 @@ def publish_defaults(run_dir: Path) -> Dict[str, Any]:
     return defaults
 
 
-def publish(run_dir: Path, destination: Destination, say: Callable[[str], None] = lambda line: None) -> str:
-    """Push the run's winner to destination.repo_id in one commit; the commit's URL."""
+def publish(run_dir: Path, destination: Destination, say: Callable[[str], None] = lambda line: None,
+            parent_commit: Optional[str] = None, message: Optional[str] = None,
+            note: Optional[Dict[str, Any]] = None):
+    """Push the run's winner to destination.repo_id in one commit; its CommitInfo.
+
+    With `parent_commit`, the Hub refuses the commit (HTTP 412, raised as it is) when the repo moved
+    on since; `note` adds to the journal's record of the push.
+    """
     from mergekit_recycle.optimize import locked
 
     with locked(run_dir):
         try:
             staging = stage(run_dir, destination.repo_id)
             say(f"pushing {_size(staging)} to {destination.repo_id}")
-            commit = _upload(staging, run_dir, destination.repo_id)
+            commit = _upload(staging, run_dir, destination.repo_id, parent_commit, message)
         finally:
             shutil.rmtree(run_dir / STAGING, ignore_errors=True)
         report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
         Journal(run_dir / JOURNAL).append({
             "type": "publish", "repo": destination.repo_id, "commit": commit.oid, "url": commit.commit_url,
-            "evaluations": report["evaluations"], "winner": report["winner"]["from"],
+            "evaluations": report["evaluations"], "winner": report["winner"]["from"], **(note or {}),
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    return commit.commit_url
+    return commit
 
 
 def published(run_dir: Path, repo_id: str, report: Dict[str, Any]) -> Optional[str]:
@@ -188,11 +195,11 @@ def stage(run_dir: Path, repo_id: str) -> Path:
         if (run_dir / name).is_file():
             _link(run_dir / name, staging / name)
     (staging / "mergekit_config.yml").write_text(portable_config(winner, run), encoding="utf-8")
-    public_report = {**report, "rows": [_without_home(row) for row in report["rows"]],
+    public_report = {**report, "rows": [without_home(row) for row in report["rows"]],
                      "checkpoints": {c["name"]: Checkpoint.model_validate(c).published_source for c in run["checkpoints"]}}
     (staging / "recycle" / "report.json").write_text(json.dumps(public_report, indent=2), encoding="utf-8")
-    records = Journal(run_dir / JOURNAL, repair=False).records
-    (staging / "recycle" / "journal.json").write_text(json.dumps(export_journal(records), indent=1), encoding="utf-8")
+    for name, data in state_files(run_dir).items():
+        (staging / name).write_bytes(data)
     if recipe_text:
         (staging / "recycle" / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
     build_model_card(report, run, recipe_text, repo_id).save(staging / "README.md")
@@ -212,46 +219,24 @@ def portable_config(winner: Path, run: Dict[str, Any]) -> str:
             + yaml.safe_dump(config, sort_keys=False))
 
 
-def export_journal(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """The journal as published: without this machine's paths."""
-
-    def public(checkpoint: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-        if checkpoint is None:
-            return None
-        exported = {key: value for key, value in checkpoint.items() if key != "path"}
-        return {**exported, "source": Checkpoint.model_validate(checkpoint).published_source}
-
-    def entry(value: Dict[str, Any]) -> Dict[str, Any]:
-        return {**value, "path": f"local:{Path(value['path']).name}"} if "path" in value else value
-
-    exported = []
-    for record in records:
-        record = _without_home(record)
-        if record.get("type") == "run":
-            record = {**record, "checkpoints": [public(c) for c in record["checkpoints"]], "base": public(record.get("base")),
-                      "entries": {k: entry(v) for k, v in record.get("entries", {}).items()}}
-        exported.append(record)
-    return exported
-
-
-def _without_home(record: Dict[str, Any]) -> Dict[str, Any]:
-    """A failed evaluation's message may name a file under the home folder: given as ~ instead."""
-    home = str(Path.home())
-    if not record.get("error") or home in ("", "/"):
-        return record
-    return {**record, "error": record["error"].replace(home, "~")}
-
-
-def _upload(staging: Path, run_dir: Path, repo_id: str):
+def _upload(staging: Path, run_dir: Path, repo_id: str, parent_commit: Optional[str], message: Optional[str]):
     """One commit of the staging folder (huggingface_hub retries a commit the Hub fails with 5xx)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
     report = json.loads((staging / "recycle" / "report.json").read_text(encoding="utf-8"))
-    message = f"mergekit-recycle: the winner of {report['recipe']} ({report['evaluations']} evaluations)"
+    message = message or f"mergekit-recycle: the winner of {report['recipe']} ({report['evaluations']} evaluations)"
     staged = {path.relative_to(staging).as_posix() for path in staging.rglob("*") if path.is_file()}
     client = hub.api()
     try:
-        stale = [f for f in client.list_repo_files(repo_id) if STALE.match(f) and f not in staged]
+        stale = [f for f in client.list_repo_files(repo_id, revision=parent_commit)
+                 if STALE.match(f) and f not in staged]
         return client.upload_folder(repo_id=repo_id, folder_path=staging, commit_message=message,
-                                    delete_patterns=[hub.exact_pattern(f) for f in stale] or None)
+                                    delete_patterns=[hub.exact_pattern(f) for f in stale] or None,
+                                    parent_commit=parent_commit)
+    except HfHubHTTPError as exc:
+        if parent_commit is not None and exc.response is not None and exc.response.status_code == 412:
+            raise  # the repo moved on: the caller knows whether that was another run
+        raise PublishError(run_dir, repo_id, hub.failure(exc, repo_id, offline_hint=False)) from None
     except Exception as exc:  # noqa: BLE001 - every failure ends as one line, the run folder untouched
         raise PublishError(run_dir, repo_id, hub.failure(exc, repo_id, offline_hint=False)) from None
 

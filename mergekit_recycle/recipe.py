@@ -37,6 +37,13 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 def _repo_id(value: str) -> str:
     if not _REPO_ID.match(value):
         raise ValueError(f"{value!r} is not a Hub repo id of the form org/name")
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)  # the Hub's own rules: length, no '--' or '..', no '-' or '.' at the end
+    except HFValidationError as exc:
+        raise ValueError(" ".join(f"not a Hub repo id: {exc}".split())) from None
     return value
 
 

@@ -84,9 +84,13 @@ def build_report(records: List[Record]) -> Dict[str, Any]:
         rows.append(_row(winner, "optimized", "optimized", _holdout_of(records, winner["key"])))
     proposals = [r for r in _evaluations(records, "search", ok=False) if r["kind"] == "proposal"]
     evaluated = [r for r in proposals if r["reused"] is None]
+    position = {id(record): index for index, record in enumerate(records)}
+    since = position[id(sessions[-1])] if sessions else -1
     report: Dict[str, Any] = {
         "recipe": run["recipe"],
+        "fingerprint": run["fingerprint"],
         "evaluations": len(evaluated),
+        "session_evaluations": sum(1 for r in evaluated if position[id(r)] > since),
         "budget": sessions[-1]["budget"] if sessions else None,
         # Finished when the last session reached its end; a running or killed one has not.
         "finished": bool(finishes) and records.index(finishes[-1]) > records.index(sessions[-1]) if sessions else False,
@@ -166,6 +170,31 @@ def markdown(report: Dict[str, Any]) -> str:
         lines.append("No proposal was evaluated yet.")
     lines += ["", "![objective](progress.png)", "![tasks](tasks.png)", "![weights](weights.png)", ""]
     return "\n".join(lines)
+
+
+def summary(report: Dict[str, Any], records: List[Record]) -> str:
+    """A short Markdown summary of the latest session: a CI job's step summary ($GITHUB_STEP_SUMMARY)."""
+    lines = [f"### mergekit-recycle: {report['recipe']}", ""]
+    state = "finished" if report.get("finished") else "not finished"
+    lines.append(f"**{report['evaluations']} evaluations** ({report['session_evaluations']} in the latest session, "
+                 f"{report['failed']} failed in all); the run is {state}"
+                 + (", stopped by the time budget" if report.get("stopped_early") else "") + ".")
+    if "winner" in report:
+        winner = report["winner"]
+        lines.append(f"The winner, {winner['from']}, gives {winner['weights_above_1pct']} of "
+                     f"{len(winner['weights'])} checkpoints a weight above 1%.")
+    lines += ["", table(report, splits=("holdout",)), ""]
+    if report.get("margins"):
+        lines.append("Holdout margin of the optimized merge: " + ", ".join(
+            f"{label} {value:+.4f}" if value is not None else f"{label} —" for label, value in report["margins"].items()))
+    sessions = [i for i, r in enumerate(records) if r.get("type") == "session"]
+    outcomes = [r for r in records[sessions[-1] if sessions else 0:] if r.get("type") in ("publish", "kept")]
+    if outcomes:
+        outcome = outcomes[-1]
+        text = outcome.get("summary") or f"{outcome.get('evaluations')} evaluations"
+        lines += ["", f"**Hub:** published {outcome['url']}: {text}" if outcome["type"] == "publish"
+                  else f"**Hub:** model unchanged on {outcome['repo']}: {text}"]
+    return "\n".join(lines) + "\n"
 
 
 def plot(run_dir: Path, report: Dict[str, Any], records: List[Record]) -> List[Path]:

@@ -14,7 +14,7 @@ with the initial step size; the budget, not pycma, ends a run.
 
 import warnings
 from contextlib import contextmanager
-from typing import Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -71,6 +71,15 @@ class CMAES:
     @property
     def population_size(self) -> int:
         return self._es.popsize
+
+    def state(self) -> Dict[str, Any]:
+        """Where the search stands, as JSON: what a resumed run's replay must reach again."""
+        import cma
+
+        return {"generation": self.generation, "restarts": self.restarts, "sigma": float(self._es.sigma),
+                "mean": [float(v) for v in self._es.mean], "best_point": self.best_point,
+                "best_fitness": self.best_fitness if self.best_fitness != float("inf") else None,
+                "cma": cma.__version__}
 
     def ask(self) -> List[List[float]]:
         with self._own_random():

@@ -189,6 +189,9 @@ class HubServer:
         self.seen_headers: list[dict[str, str]] = []
         self.unhandled: list[tuple[str, str]] = []
         self.server_errors: list[str] = []
+        # Called as after_commit(repo_id, sha, title) once a client's commit landed (tests use it to
+        # commit something in between, as a concurrent writer would).
+        self.after_commit: Callable[[str, str, str], None] | None = None
         self._repos: dict[str, Repo] = {}
         self._failures: list[list[Any]] = []
         self._counter = itertools.count()
@@ -297,6 +300,20 @@ class HubServer:
     def head(self, repo_id: str, revision: str = "main") -> str:
         with self._lock:
             return self._resolve(self._repo_or_raise(repo_id), revision)
+
+    def history(self, repo_id: str, revision: str = "main") -> list[tuple[str, str]]:
+        """(sha, title) of the commits on a branch, oldest first."""
+        with self._lock:
+            repo = self._repo_or_raise(repo_id)
+            sha, commits = self._resolve(repo, revision), []
+            while sha is not None:
+                commits.append((sha, repo.commits[sha].title))
+                sha = repo.commits[sha].parent
+            return commits[::-1]
+
+    def titles(self, repo_id: str, revision: str = "main") -> list[str]:
+        """The titles of the commits on a branch, oldest first."""
+        return [title for _, title in self.history(repo_id, revision)]
 
     def fail_next(self, method: str, path_prefix: str, status: int, times: int = 1) -> None:
         """Answer the next `times` requests of `method` whose path starts with `path_prefix` with `status`."""
@@ -600,6 +617,8 @@ class HubServer:
         author = req.user[0] if req.user else "anonymous"
         sha = self._new_commit(model, head, tree, header.get("summary", ""), header.get("description", ""), author)
         model.branches[rev] = sha
+        if self.after_commit is not None:
+            self.after_commit(repo, sha, header.get("summary", ""))
         url = f"{self.url}/{repo}/commit/{sha}"
         return self._json({"success": True, "commitOid": sha, "commitUrl": url, "pullRequestUrl": None})
 

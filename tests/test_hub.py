@@ -237,7 +237,7 @@ def test_optimize_pushes_the_winner_with_its_card_and_it_loads_back(pushed, onli
     merged = load_file(run_dir / "merged" / "model.safetensors")
     assert all(torch.equal(merged[name], tensor) for name, tensor in model.state_dict().items() if name in merged)
     for name in ["README.md", "mergekit_config.yml", "config.json", "progress.png", "tasks.png", "weights.png",
-                 "recycle/report.json", "recycle/journal.json", "recycle/recipe.yaml", "tokenizer.json"]:
+                 "recycle/report.json", "recycle/journal.jsonl", "recycle/recipe.yaml", "tokenizer.json"]:
         assert (folder / name).is_file(), name
 
     card = ModelCard.load(PUSHED, token=WRITE)
@@ -252,7 +252,7 @@ def test_optimize_pushes_the_winner_with_its_card_and_it_loads_back(pushed, onli
     assert all(sha in card.text for sha in shas) and "mergekit-recycle merge mergekit_config.yml out/" in card.text
     assert "| uniform soup |" in card.text and "![objective over the search](progress.png)" in card.text
 
-    journal = json.loads((folder / "recycle" / "journal.json").read_text())
+    journal = [json.loads(line) for line in (folder / "recycle" / "journal.jsonl").read_text().splitlines()]
     assert journal[0]["type"] == "run" and all("path" not in c for c in journal[0]["checkpoints"])
     assert [c["sha"] for c in journal[0]["checkpoints"]][-1] == session.server.head(SFT_REPO)
     assert set(report["checkpoints"].values()) == {c["source"] for c in journal[0]["checkpoints"]}
@@ -374,7 +374,7 @@ def test_republishing_replaces_stale_weights_and_keeps_everything_else(pushed, o
     files = set(server.files(PUSHED))
     assert {"docs/diagram.png", "original/consolidated.safetensors", "model.safetensors", "README.md"} <= files
     assert not {"model-00002-of-00002.safetensors", "model.safetensors.index.json", "recycle/old.json"} & files
-    for name in ("recycle/journal.json", "recycle/report.json", "mergekit_config.yml"):
+    for name in ("recycle/journal.jsonl", "recycle/report.json", "mergekit_config.yml"):
         assert str(run_dir.parent) not in server.files(PUSHED)[name].decode(), f"{name} names this machine's paths"
 
 

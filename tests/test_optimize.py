@@ -202,6 +202,36 @@ def test_rerunning_a_finished_run_evaluates_nothing_and_a_larger_budget_continue
     assert json.loads((run_dir / "report.json").read_text())["evaluations"] == BUDGET + 3
 
 
+def rewrite(path: Path, change) -> None:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(change(record)) + "\n" for record in records))
+
+
+def test_a_budget_of_plus_n_adds_n_and_the_replay_tolerates_the_last_bits(reference, recipe_file, tmp_path):
+    run_dir = copy_run(reference[0], tmp_path)
+    assert json.loads((run_dir / "search.json").read_text())["generation"] >= 1
+    # Another CPU's BLAS may round the replayed proposals differently in their last bits: the run goes on.
+    rewrite(run_dir / "journal.jsonl", lambda r: {**r, "coordinates": [c * (1 + 1e-12) for c in r["coordinates"]]}
+            if "coordinates" in r else r)
+    more = optimize_cli(recipe_file, run_dir, "--budget", "+3")
+    assert more.returncode == 0, more.stderr
+    assert len(evaluated(run_dir)) == BUDGET + 3
+    bad = optimize_cli(recipe_file, run_dir, "--budget", "+x")
+    assert bad.returncode == 2 and "'+x' is not a budget" in bad.stderr
+
+
+def test_a_replay_that_misses_the_recorded_cma_state_is_refused(reference, recipe_file, tmp_path):
+    run_dir = copy_run(reference[0], tmp_path)
+    state = json.loads((run_dir / "search.json").read_text())
+    (run_dir / "search.json").write_text(json.dumps({**state, "sigma": state["sigma"] * 1.5, "cma": "3.0.0"}))
+    before = len(evaluated(run_dir))
+    again = optimize_cli(recipe_file, run_dir, "--budget", "+3")
+    assert again.returncode == 2 and len(lines(again.stderr)) == 1, again.stderr
+    assert "search.json: replaying the journal reaches another CMA-ES state at generation" in again.stderr
+    assert "install cma==3.0.0, or rerun with --restart" in again.stderr
+    assert len(evaluated(run_dir)) == before
+
+
 def test_a_torn_last_journal_line_is_cut_off(reference, recipe_file, tmp_path):
     run_dir = copy_run(reference[0], tmp_path)
     journal = run_dir / "journal.jsonl"

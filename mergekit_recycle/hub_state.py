@@ -1,0 +1,315 @@
+"""The search state on the Hub: a run's journal and CMA-ES state, kept in its output repo's `recycle/`.
+
+`optimize --resume-from-hub` keeps a run on the Hub, so that ephemeral runners (a nightly GitHub
+Actions job) continue one search:
+  - at start, `HubState.read` fetches recycle/journal.jsonl and recycle/search.json at the repo's
+    head, and `adopt` extends the run folder's journal with what the Hub has beyond it;
+  - after the baselines and after every generation, `save` commits both files (one small commit),
+    so a runner killed mid-search loses at most the generation it was in;
+  - at the end, `conclude` pushes a new model revision only when the winner's holdout objective
+    beats the published one (recycle/report.json), and otherwise commits the state alone.
+Every commit names the commit it follows (`parent_commit`). When another writer committed in
+between, the Hub refuses it (412): if the other commit left the search state alone (someone
+edited the card), the commit is made again on top of it; otherwise the run stops rather than
+overwrite another run's state.
+
+The journal is published as `export_journal` gives it: without this machine's paths. A runner
+that adopts it names its own checkpoint folders in the `run` record (`run_identity`).
+"""
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from mergekit_recycle import hub
+from mergekit_recycle.errors import ConcurrentRunError, HubStateError, RunDirError
+from mergekit_recycle.journal import JOURNAL, Journal
+
+Record = Dict[str, Any]
+JOURNAL_FILE = "recycle/journal.jsonl"
+SEARCH_FILE = "recycle/search.json"
+REPORT_FILE = "recycle/report.json"
+
+
+def export_journal(records: List[Record]) -> List[Record]:
+    """The journal as published: without this machine's paths."""
+    from mergekit_recycle.pool import Checkpoint
+
+    def public(checkpoint: Optional[Record]) -> Optional[Record]:
+        if checkpoint is None:
+            return None
+        exported = {key: value for key, value in checkpoint.items() if key != "path"}
+        return {**exported, "source": Checkpoint.model_validate(checkpoint).published_source}
+
+    def entry(value: Record) -> Record:
+        return {**value, "path": f"local:{Path(value['path']).name}"} if "path" in value else value
+
+    exported = []
+    for record in records:
+        record = without_home(record)
+        if record.get("type") == "run":
+            record = {**record, "checkpoints": [public(c) for c in record["checkpoints"]], "base": public(record.get("base")),
+                      "entries": {k: entry(v) for k, v in record.get("entries", {}).items()}}
+        exported.append(record)
+    return exported
+
+
+def without_home(record: Record) -> Record:
+    """A failed evaluation's message may name a file under the home folder: given as ~ instead."""
+    home = str(Path.home())
+    if not record.get("error") or home in ("", "/"):
+        return record
+    return {**record, "error": record["error"].replace(home, "~")}
+
+
+def state_files(run_dir: Path) -> Dict[str, bytes]:
+    """The search state as the Hub keeps it, by path in the repo: the exported journal and search.json."""
+    from mergekit_recycle.optimize import SEARCH_STATE
+
+    records = export_journal(Journal(run_dir / JOURNAL, repair=False).records)
+    files = {JOURNAL_FILE: _lines(records)}
+    if (run_dir / SEARCH_STATE).is_file():
+        files[SEARCH_FILE] = (run_dir / SEARCH_STATE).read_bytes()
+    return files
+
+
+def _lines(records: List[Record]) -> bytes:
+    return "".join(json.dumps(r, allow_nan=False, separators=(",", ":")) + "\n" for r in records).encode()
+
+
+def _same(mine: Record, theirs: Record) -> bool:
+    """One journal record, as this run has it and as the Hub has it. A `run` record is the same run
+    when its fingerprint is: its checkpoints name each machine's own folders."""
+    if mine.get("type") == "run" == theirs.get("type"):
+        return (mine.get("fingerprint"), mine.get("started")) == (theirs.get("fingerprint"), theirs.get("started"))
+    return mine == theirs
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class HubState:
+    """The search state of one output repo, as this run last read or wrote it."""
+
+    repo_id: str
+    head: str  # the commit this run's next commit must follow
+    records: List[Record]  # the journal as the Hub has it at `head` (exported)
+    search: Optional[bytes]  # search.json as the Hub has it at `head`
+    failed_saves: int = 0
+
+    @classmethod
+    def read(cls, repo_id: str) -> "HubState":
+        """The state at the head of repo_id's main branch; empty when the repo keeps none yet."""
+        try:
+            head = hub.api().repo_info(repo_id).sha
+            records = _parse(repo_id, head, _download(repo_id, JOURNAL_FILE, head))
+            search = _download(repo_id, SEARCH_FILE, head)
+        except HubStateError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one line, before anything is computed
+            raise HubStateError(repo_id, hub.failure(exc, repo_id, offline_hint=False)) from None
+        return cls(repo_id=repo_id, head=head, records=records, search=search)
+
+    @property
+    def evaluations(self) -> int:
+        from mergekit_recycle.optimize import proposals_evaluated
+
+        return proposals_evaluated(self.records)
+
+    def adopt(self, run_dir: Path, identity: Record, say: Callable[[str], None]) -> None:
+        """Extend RUN_DIR's journal with the records the Hub has beyond it (all of them on a fresh runner).
+
+        Refused when the two are different runs: each would overwrite the other's state.
+        """
+        from mergekit_recycle.optimize import SEARCH_STATE
+
+        path = run_dir / JOURNAL
+        local = Journal(path).records if path.is_file() else []
+        mine = export_journal(local)
+        for index, (a, b) in enumerate(zip(mine, self.records)):
+            if not _same(a, b):
+                raise RunDirError(run_dir, f"{JOURNAL} and the search state on {self.repo_id} (commit "
+                                  f"{self.head[:7]}) differ from record {index + 1} on: they are two runs. Continue "
+                                  "the Hub's with another --run-dir, or rerun with --restart to replace it with a new run")
+        if len(self.records) <= len(mine):
+            return
+        extra = self.records[len(mine):]
+        if not local:
+            # The Hub's run record names the first runner's folders; this runner names its own.
+            extra = [{**extra[0], **identity}] + extra[1:]
+        journal = Journal(path)
+        for record in extra:
+            journal.append(record)
+        if self.search is not None:
+            (run_dir / SEARCH_STATE).write_bytes(self.search)
+        say(f"resumed from {self.repo_id} (commit {self.head[:7]}): {self.evaluations} evaluations so far")
+
+    def save(self, run_dir: Path, say: Callable[[str], None], message: Optional[str] = None,
+             required: bool = False) -> Optional[str]:
+        """Commit the search state when it changed since the last commit; the new head, or None.
+
+        A failed commit is reported and left to the next save (nothing is lost: the run folder keeps
+        it), unless `required`; a concurrent writer always stops the run.
+        """
+        files = state_files(run_dir)
+        records = [json.loads(line) for line in files[JOURNAL_FILE].splitlines()]
+        if records == self.records and files.get(SEARCH_FILE) == self.search:
+            return None
+        from mergekit_recycle.optimize import read_search_state
+
+        state = read_search_state(run_dir) or {}
+        best = state.get("best_fitness")
+        title = message or (f"mergekit-recycle: search state, {len(records)} records, "
+                            f"{state.get('evaluations', 0)} evaluations"
+                            + (f", best search objective {-best:.4f}" if best is not None else ""))
+
+        def commit(parent: str):
+            from huggingface_hub import CommitOperationAdd
+
+            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in files.items()]
+            return hub.api().create_commit(self.repo_id, operations, commit_message=title, parent_commit=parent)
+
+        try:
+            info = self.commit(commit)
+        except ConcurrentRunError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the Hub being down must not end a night's search
+            reason = hub.failure(exc, self.repo_id, offline_hint=False)
+            if required:
+                raise HubStateError(self.repo_id, f"saving the search state failed: {reason}; the run folder "
+                                    f"{run_dir} keeps it: rerun the same command to save it") from None
+            self.failed_saves += 1
+            say(f"could not save the search state to {self.repo_id} ({reason}); trying again after the next generation")
+            return None
+        self.records, self.search = records, files.get(SEARCH_FILE)
+        return info.oid
+
+    def commit(self, make: Callable[[str], Any]) -> Any:
+        """make(parent) → CommitInfo, on top of `head`; made again on a newer head only when the commit in
+        between left the search state as this run knows it."""
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            info = make(self.head)
+        except HfHubHTTPError as exc:
+            if exc.response is None or exc.response.status_code != 412:
+                raise
+            self._follow_unrelated_commit()
+            info = make(self.head)
+        self.head = info.oid
+        return info
+
+    def _follow_unrelated_commit(self) -> None:
+        client = hub.api()
+        latest = client.list_repo_commits(self.repo_id)[0]
+        records = _parse(self.repo_id, latest.commit_id, _download(self.repo_id, JOURNAL_FILE, latest.commit_id))
+        if records != self.records:
+            raise ConcurrentRunError(self.repo_id, self.head, latest.commit_id, latest.title)
+        self.head = latest.commit_id
+
+    def published_report(self) -> Optional[Record]:
+        """recycle/report.json of the model the repo holds (None before the first model revision)."""
+        data = _download(self.repo_id, REPORT_FILE, self.head)
+        try:
+            return json.loads(data) if data is not None else None
+        except ValueError:
+            return None  # not ours to judge: a model whose report cannot be read is replaced
+
+    def conclude(self, run_dir: Path, report: Record, destination, push: bool,
+                 say: Callable[[str], None]) -> str:
+        """After the search: a new model revision if the holdout objective improved, else the state alone.
+
+        Returns one line saying which, and why.
+        """
+        from mergekit_recycle.publish import publish
+
+        decision = decide(report, self.published_report() if push else None, push)
+        if decision.publish:
+            staged = state_files(run_dir)  # what the model's commit holds: publish() journals the push after it
+            info = self.commit(lambda parent: publish(run_dir, destination, say, parent_commit=parent,
+                                                      message=decision.title, note=decision.record))
+            self.records = [json.loads(line) for line in staged[JOURNAL_FILE].splitlines()]
+            self.search = staged.get(SEARCH_FILE)
+            outcome = f"published {info.commit_url}: {decision.summary}"
+        else:
+            Journal(run_dir / JOURNAL).append({"type": "kept", "repo": self.repo_id, **decision.record, "time": _now()})
+            outcome = f"model unchanged on {self.repo_id}: {decision.summary}"
+        self.save(run_dir, say, message=f"mergekit-recycle: search state, {report['evaluations']} evaluations; "
+                  + ("published a new model" if decision.publish else "model unchanged: " + decision.summary),
+                  required=True)
+        return outcome
+
+
+@dataclass(frozen=True)
+class Decision:
+    publish: bool
+    summary: str  # why, in a few words
+    title: str  # the commit message of a new model revision
+    record: Record  # what the journal keeps of the decision
+
+
+def holdout_objective(report: Optional[Record]) -> Optional[float]:
+    """The optimized merge's holdout objective in a report (None when it was not scored)."""
+    row = next((r for r in (report or {}).get("rows", []) if r["kind"] == "optimized"), None)
+    return row["holdout"]["objective"] if row and row.get("holdout") else None
+
+
+def decide(report: Record, published: Optional[Record], push: bool) -> Decision:
+    """Whether this run's winner should replace the published model: only a better holdout objective on
+    the same tasks does (a different winner that scores the same does not)."""
+    mine, theirs = holdout_objective(report), holdout_objective(published)
+    record = {"evaluations": report["evaluations"], "winner": report.get("winner", {}).get("from"),
+              "holdout": mine, "published_holdout": theirs}
+
+    def keep(why: str) -> Decision:
+        return Decision(False, why, "", {**record, "summary": why})
+
+    def replace(why: str, title: str) -> Decision:
+        return Decision(True, why, f"mergekit-recycle: {title} ({report['evaluations']} evaluations)",
+                        {**record, "summary": why})
+
+    if not push:
+        return keep("--no-push")
+    if mine is None:
+        return keep("no merge was scored on the holdout tasks")
+    if published is None:
+        return replace(f"first model, holdout objective {mine:.4f}", f"first model, holdout objective {mine:.4f}")
+    same_tasks = (published.get("fingerprint") or {}).get("tasks") == report["fingerprint"]["tasks"]
+    if not same_tasks or theirs is None:
+        return replace(f"the published model was scored on other tasks; holdout objective {mine:.4f}",
+                       f"new tasks, holdout objective {mine:.4f}")
+    winner, earlier = report["winner"], published.get("winner") or {}
+    if (winner["weights"], winner["scale"]) == (earlier.get("weights"), earlier.get("scale")):
+        return keep(f"the published model is this winner (holdout objective {mine:.4f})")
+    if mine > theirs:
+        change = f"holdout objective {theirs:.4f} → {mine:.4f} ({mine - theirs:+.4f})"
+        return replace(change, change)
+    return keep(f"holdout objective {mine:.4f} does not beat the published {theirs:.4f}")
+
+
+def _download(repo_id: str, filename: str, revision: str) -> Optional[bytes]:
+    """A small file of the repo at a commit, or None when the commit has no such file."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision)).read_bytes()
+    except EntryNotFoundError:
+        return None
+
+
+def _parse(repo_id: str, head: str, data: Optional[bytes]) -> List[Record]:
+    records = []
+    for number, line in enumerate((data or b"").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise HubStateError(repo_id, f"{JOURNAL_FILE} line {number} at commit {head[:7]} is not JSON: restore it "
+                                "on the Hub, or rerun with --restart to start a new search there") from None
+    return records

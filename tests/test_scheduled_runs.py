@@ -1,0 +1,246 @@
+"""Scheduled runs (`optimize --resume-from-hub --push`), as the recycle.yml workflow makes them: every run
+is a fresh checkout on a fresh runner, with nothing but the Hub in common. The real huggingface_hub
+client talks to our Hub-protocol server (tests/hub_server.py) on 127.0.0.1."""
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+import yaml
+
+from conftest import lines, run_cli
+from hub_server import HubServer
+
+TOKEN = "hf_write_alice_0123456789abcdef"
+POPULATION, GENERATIONS = 4, 2
+NIGHT = f"+{POPULATION * GENERATIONS}"  # each night adds two generations
+REPOS = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with HubServer(tokens={TOKEN: ("alice", "write")}, orgs={"alice": []}) as hub:
+        yield hub
+
+
+class Runner:
+    """One ephemeral runner: its own checkout of the repo (the demo pool and the recipe) and its own HF cache."""
+
+    def __init__(self, server: HubServer, small_pool, root: Path, repo: str, pool: Optional[List[dict]] = None):
+        self.server, self.root, self.repo = server, root, repo
+        shutil.copytree(small_pool[0], root / "checkout")
+        recipe = yaml.safe_load((root / "checkout" / "recipe.yaml").read_text())
+        recipe["search"].update(population=POPULATION)
+        recipe["pool"] = pool or recipe["pool"]
+        recipe["output"].update(hub_repo=repo, private=False, run_dir="runs/recycle")
+        self.recipe = root / "checkout" / "recipe.yaml"
+        self.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        self.run_dir = root / "checkout" / "runs" / "recycle"
+        self.env = {"HF_ENDPOINT": server.url, "HF_HOME": str(root / "hf-home"), "HF_TOKEN": TOKEN,
+                    "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+    def args(self, budget: str) -> List[str]:
+        return ["optimize", str(self.recipe), "--resume-from-hub", "--push", "--budget", budget,
+                "--time-budget", "1h", "--quiet"]
+
+    def optimize(self, budget: str = NIGHT) -> subprocess.CompletedProcess:
+        return run_cli(*self.args(budget), env=self.env)
+
+    def report(self) -> dict:
+        return json.loads((self.run_dir / "report.json").read_text())
+
+    def journal(self) -> List[dict]:
+        return [json.loads(line) for line in (self.run_dir / "journal.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def night(server, small_pool, tmp_path, request):
+    """Runners for one output repo of this test's own: night() is the next night's runner."""
+    repo = f"alice/nightly-{next(REPOS)}"
+    count = iter(range(1, 100))
+    return lambda pool=None: Runner(server, small_pool, tmp_path / f"night-{next(count)}", repo, pool)
+
+
+def hub_journal(server: HubServer, repo: str, revision: str = "main") -> List[dict]:
+    return [json.loads(line) for line in server.files(repo, revision)["recycle/journal.jsonl"].splitlines()]
+
+
+def evaluations(records: List[dict]) -> int:
+    return len({r["id"] for r in records if r.get("type") == "evaluation" and r["kind"] == "proposal"
+                and r["reused"] is None})
+
+
+def published_report(server: HubServer, repo: str, objective: float) -> None:
+    """Make the repo's published model one that scores `objective` on the holdout tasks (another winner)."""
+    report = json.loads(server.files(repo)["recycle/report.json"])
+    for row in report["rows"]:
+        if row["kind"] == "optimized":
+            row["holdout"]["objective"] = objective
+    report["winner"]["weights"] = {name: 0.0 for name in report["winner"]["weights"]}
+    server.commit(repo, {"recycle/report.json": json.dumps(report).encode()}, message="a model published by hand")
+
+
+def test_nightly_runs_continue_one_search_and_publish_only_when_the_holdout_improves(night, server):
+    first = night()
+    result = first.optimize()
+    assert result.returncode == 0, result.stderr
+    repo = first.repo
+    assert f"published {server.url}/{repo}/commit/" in result.stdout and "first model" in result.stdout
+    titles = server.titles(repo)
+    # The baselines, then every generation, saved as they finished; then the model; then the final state.
+    saves = [t for t in titles if t.startswith("mergekit-recycle: search state") and "model" not in t]
+    assert len(saves) == 1 + GENERATIONS, titles
+    assert titles[-2].startswith("mergekit-recycle: first model, holdout objective ")
+    assert titles[-1].endswith("published a new model")
+    files = server.files(repo)
+    assert {"model.safetensors", "README.md", "recycle/report.json", "recycle/journal.jsonl", "recycle/search.json"} <= set(files)
+    assert hub_journal(server, repo) [-1]["type"] == "publish"
+    assert json.loads(files["recycle/search.json"])["generation"] == GENERATIONS
+    assert evaluations(hub_journal(server, repo)) == POPULATION * GENERATIONS
+    model = files["model.safetensors"]
+
+    # Night 2 cannot beat the published model (it scores 1.0): the model stays, the state moves on.
+    published_report(server, repo, 1.0)
+    second = night()
+    result = second.optimize()
+    assert result.returncode == 0, result.stderr
+    assert f"model unchanged on {repo}: holdout objective " in result.stdout
+    assert "does not beat the published 1.0000" in result.stdout
+    report = second.report()
+    assert report["evaluations"] == 2 * POPULATION * GENERATIONS and report["session_evaluations"] == POPULATION * GENERATIONS
+    files = server.files(repo)
+    assert files["model.safetensors"] == model and json.loads(files["recycle/report.json"])["evaluations"] == POPULATION * GENERATIONS
+    hub = hub_journal(server, repo)
+    assert evaluations(hub) == 2 * POPULATION * GENERATIONS and hub[-1]["type"] == "kept"
+    assert "model unchanged: holdout objective" in server.titles(repo)[-1]
+    # What night 1 evaluated is night 2's journal's start, untouched.
+    first_records = [r for r in first.journal() if r.get("type") != "run"]
+    assert [r for r in second.journal() if r.get("type") != "run"][:len(first_records)] == first_records
+
+    # Night 3 beats a published model that scores 0.0: a new model revision, saying by how much.
+    published_report(server, repo, 0.0)
+    third = night()
+    result = third.optimize()
+    assert result.returncode == 0, result.stderr
+    mine = next(r for r in third.report()["rows"] if r["kind"] == "optimized")["holdout"]["objective"]
+    assert f"holdout objective 0.0000 → {mine:.4f} (+{mine:.4f})" in result.stdout
+    assert server.titles(repo)[-2] == (f"mergekit-recycle: holdout objective 0.0000 → {mine:.4f} (+{mine:.4f}) "
+                                       f"({3 * POPULATION * GENERATIONS} evaluations)")
+    assert json.loads(server.files(repo)["recycle/report.json"])["evaluations"] == 3 * POPULATION * GENERATIONS
+
+    summary = run_cli("report", str(third.run_dir), "--summary")
+    assert summary.returncode == 0, summary.stderr
+    assert summary.stdout.startswith("### mergekit-recycle: toy-recycle\n")
+    assert f"**{3 * POPULATION * GENERATIONS} evaluations** ({POPULATION * GENERATIONS} in the latest session" in summary.stdout
+    assert "| merge | kind | holdout add | holdout sort | holdout shift | holdout objective |" in summary.stdout
+    assert f"**Hub:** published {server.url}/{repo}/commit/" in summary.stdout
+
+
+def test_a_night_without_improvement_keeps_the_model_it_found_itself(night, server):
+    first = night()
+    assert first.optimize().returncode == 0
+    model_commits = len([t for t in server.titles(first.repo) if "first model" in t])
+    second = night()
+    result = second.optimize("+0")  # nothing new to search: the same winner, scored the same
+    assert result.returncode == 0, result.stderr
+    assert "model unchanged" in result.stdout and "the published model is this winner" in result.stdout
+    assert len([t for t in server.titles(first.repo) if "first model" in t or "→" in t]) == model_commits
+
+
+def test_a_runner_killed_mid_search_lets_the_next_one_resume(night, server):
+    first = night()
+    script = Path(sys.executable).parent / "mergekit-recycle"
+    process = subprocess.Popen([str(script), *first.args("+400")], env={**os.environ, **first.env},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            if len([t for t in _titles(server, first.repo) if t.startswith("mergekit-recycle: search state")]) >= 3:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, process.stderr.read()
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    finally:
+        process.kill()
+    saved = hub_journal(server, first.repo)
+    killed = evaluations(first.journal())
+    assert evaluations(saved) >= POPULATION and killed - evaluations(saved) <= POPULATION  # at most a generation lost
+
+    second = night()
+    result = second.optimize()
+    assert result.returncode == 0, result.stderr
+    assert second.report()["evaluations"] == evaluations(saved) + POPULATION * GENERATIONS
+    resumed = [r for r in second.journal() if r.get("type") != "run"]
+    assert resumed[:len(saved) - 1] == [r for r in saved if r.get("type") != "run"]
+
+
+def _titles(server: HubServer, repo: str) -> List[str]:
+    try:
+        return server.titles(repo)
+    except Exception:  # noqa: BLE001 - the repo is not created yet
+        return []
+
+
+@pytest.mark.parametrize("touches_state", [True, False], ids=["another-run", "an-unrelated-edit"])
+def test_a_concurrent_writer_stops_the_run_but_an_unrelated_commit_does_not(night, server, touches_state):
+    runner = night()
+    repo = runner.repo
+    interloper = {"recycle/journal.jsonl": b'{"type":"run","recipe":"another run"}\n'} if touches_state else {
+        "README.md": b"# edited on the Hub while the search ran\n"}
+
+    def commit_in_between(repo_id: str, sha: str, title: str) -> None:
+        if repo_id == repo and title.startswith("mergekit-recycle: search state"):
+            server.after_commit = None
+            server.commit(repo, interloper, message="someone else's commit")
+
+    server.after_commit = commit_in_between
+    try:
+        result = runner.optimize()
+    finally:
+        server.after_commit = None
+    if not touches_state:
+        assert result.returncode == 0, result.stderr
+        assert "someone else's commit" in server.titles(repo)
+        assert evaluations(hub_journal(server, repo)) == POPULATION * GENERATIONS
+        return
+    assert result.returncode == 1 and len(lines(result.stderr)) == 1, result.stderr
+    assert f"{repo}: another run saved its search state there" in result.stderr
+    assert "someone else's commit" in result.stderr
+    assert server.files(repo)["recycle/journal.jsonl"] == interloper["recycle/journal.jsonl"]  # not overwritten
+    assert server.titles(repo)[-1] == "someone else's commit"
+    assert evaluations(runner.journal()) > 0  # this run's evaluations stay in its run folder
+
+    again = runner.optimize()  # its own folder and the Hub's state are two runs now
+    assert again.returncode == 2 and len(lines(again.stderr)) == 1, again.stderr
+    assert "they are two runs" in again.stderr and "--restart" in again.stderr
+
+
+def test_a_hub_pool_stays_pinned_across_runners_after_its_branch_moves(night, server, small_pool):
+    pool_repo = f"lab/pool-{next(REPOS)}"
+    folders = {f"checkpoint-{i}": small_pool[0] / f"post-{i}" for i in (1, 2, 3)}
+    server.create_repo(pool_repo)
+    pinned = server.commit(pool_repo, folders)
+    pool = [{"repo": pool_repo, "subfolders": ["checkpoint-*"]}] + [{"path": f"post-{i}"} for i in (4, 5, 6)]
+    first = night(pool)
+    assert first.optimize().returncode == 0
+    # The lab pushes on: a new checkpoint, and another's weights replaced.
+    moved = server.commit(pool_repo, {"checkpoint-4": small_pool[0] / "post-4", "checkpoint-1": small_pool[0] / "post-5"})
+    served = len(server.requests)
+
+    second = night(pool)  # a fresh runner: the pins come from the search state on the Hub
+    result = second.optimize()
+    assert result.returncode == 0, result.stderr
+    run = second.journal()[0]
+    assert {c["sha"] for c in run["checkpoints"] if c["repo"]} == {pinned}
+    assert [c["name"] for c in run["checkpoints"]][:3] == [f"{pool_repo}@main/checkpoint-{i}" for i in (1, 2, 3)]
+    assert not [path for _, path, _ in server.requests[served:] if moved in path]
+    assert second.report()["evaluations"] == 2 * POPULATION * GENERATIONS
