@@ -18,7 +18,9 @@ a `mergekit-recycle optimize --quiet` subprocess on a fresh copy of the recipe, 
             hub    a fresh runner, --budget +0: download, replay, decide, nothing to search
 
 Per run: wall seconds, ratio against `local` of the same row, state commits and the bytes of state they carried
-(each save uploads the whole journal and search.json).
+(each save uploads the whole journal and search.json). Saves come every generation here
+(MERGEKIT_RECYCLE_SAVE_INTERVAL=0, the worst case; by default at most one a minute). At the end it prints what the
+workflow would write to $GITHUB_STEP_SUMMARY after night 2.
 """
 
 import argparse
@@ -57,7 +59,7 @@ def checkout(work: Path, name: str, repo: str) -> Path:
 
 def optimize(server: HubServer, recipe: Path, home: Path, *flags: str) -> float:
     env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HOME": str(home), "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "MERGEKIT_RECYCLE_SAVE_INTERVAL": "0",
            # Any request for another host goes to a dead proxy.
            "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1"}
     started = time.perf_counter()
@@ -109,6 +111,9 @@ def main() -> None:
         hub = optimize(server, checkout(work, "hub-2", repo_hub), work / "home-hub-2", "--budget", f"+{budget}",
                        "--resume-from-hub", "--push")
         row("night 2", local, {"hub_s": hub, "hub_ratio": hub / local, **state_commits(server, repo_hub, seen)})
+        # What the workflow writes to $GITHUB_STEP_SUMMARY after night 2.
+        summary = subprocess.run([str(BIN / "mergekit-recycle"), "report", str(work / "hub-2" / "run"), "--summary"],
+                                 capture_output=True, text=True, check=True).stdout
 
         seen = len(server.history(repo_hub))
         local = optimize(server, local_recipe, work / "home-local", "--budget", str(2 * budget), "--no-push")
@@ -120,8 +125,10 @@ def main() -> None:
     print(f"demo pool, budget {budget} a night; {machine}")
     for entry in rows:
         print(json.dumps(entry))
+    print("\n$GITHUB_STEP_SUMMARY after night 2:\n" + summary)
     if args.json:
-        args.json.write_text(json.dumps({"budget": budget, "machine": machine, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"budget": budget, "machine": machine, "rows": rows, "summary": summary},
+                                        indent=1))
 
 
 if __name__ == "__main__":

@@ -52,3 +52,25 @@ MAX_CONSECUTIVE_FAILURES = 5
 # Requests per forward pass when scoring: small enough for long prompts and a large vocabulary
 # on a GPU; `optimize --batch-size` raises it where memory allows.
 DEFAULT_BATCH_SIZE = 64
+
+
+# The environment variable that spaces the search state's commits to the Hub during a
+# `--resume-from-hub` run (the Hub limits commits per repo and hour); the last one always comes.
+SAVE_INTERVAL_VARIABLE = "MERGEKIT_RECYCLE_SAVE_INTERVAL"
+DEFAULT_SAVE_INTERVAL = 60.0
+
+
+def save_interval() -> float:
+    """Seconds between two saves of the search state to the Hub (MERGEKIT_RECYCLE_SAVE_INTERVAL)."""
+    from mergekit_recycle.errors import SettingError
+
+    value = os.environ.get(SAVE_INTERVAL_VARIABLE, "").strip()
+    if not value:
+        return DEFAULT_SAVE_INTERVAL
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise SettingError(SAVE_INTERVAL_VARIABLE, value, "a number of seconds >= 0, e.g. 60")
+    return seconds

@@ -4,27 +4,31 @@
 Actions job) continue one search:
   - at start, `HubState.read` fetches recycle/journal.jsonl and recycle/search.json at the repo's
     head, and `adopt` extends the run folder's journal with what the Hub has beyond it;
-  - after the baselines and after every generation, `save` commits both files (one small commit),
-    so a runner killed mid-search loses at most the generation it was in;
+  - after the baselines and after every generation, `save` commits both files (one small commit;
+    at most one a minute by default, as the Hub limits commits per repo and hour), so a runner
+    killed mid-search loses at most the generation it was in, or that minute;
   - at the end, `conclude` pushes a new model revision only when the winner's holdout objective
     beats the published one (recycle/report.json), and otherwise commits the state alone.
 Every commit names the commit it follows (`parent_commit`). When another writer committed in
 between, the Hub refuses it (412): if the other commit left the search state alone (someone
-edited the card), the commit is made again on top of it; otherwise the run stops rather than
+edited the card; a model revision replaces the card all the same), or holds this run's own
+earlier state, the commit is made again on top of it; otherwise the run stops rather than
 overwrite another run's state.
 
 The journal is published as `export_journal` gives it: without this machine's paths. A runner
 that adopts it names its own checkpoint folders in the `run` record (`run_identity`).
 """
 
+import contextlib
 import json
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from mergekit_recycle import hub
-from mergekit_recycle.errors import ConcurrentRunError, HubStateError, RunDirError
+from mergekit_recycle import constants, hub
+from mergekit_recycle.errors import ConcurrentRunError, HubStateError, PublishError, RunDirError
 from mergekit_recycle.journal import JOURNAL, Journal
 
 Record = Dict[str, Any]
@@ -75,6 +79,12 @@ def state_files(run_dir: Path) -> Dict[str, bytes]:
     return files
 
 
+def hub_journal_is_behind(repo_id: str, journal: bytes) -> bool:
+    """Whether the repo's search state is none, or this journal's beginning (so replacing it loses nothing)."""
+    theirs = _download(repo_id, JOURNAL_FILE, hub.api().repo_info(repo_id).sha)
+    return theirs is None or journal.startswith(theirs)
+
+
 def _lines(records: List[Record]) -> bytes:
     return "".join(json.dumps(r, allow_nan=False, separators=(",", ":")) + "\n" for r in records).encode()
 
@@ -97,47 +107,54 @@ class HubState:
 
     repo_id: str
     head: str  # the commit this run's next commit must follow
-    records: List[Record]  # the journal as the Hub has it at `head` (exported)
-    search: Optional[bytes]  # search.json as the Hub has it at `head`
-    failed_saves: int = 0
+    journal: Optional[bytes]  # recycle/journal.jsonl as the Hub has it at `head`
+    search: Optional[bytes]  # recycle/search.json as the Hub has it at `head`
+    last_save: float = float("-inf")  # time.monotonic() of this run's latest save
 
     @classmethod
     def read(cls, repo_id: str) -> "HubState":
         """The state at the head of repo_id's main branch; empty when the repo keeps none yet."""
         try:
             head = hub.api().repo_info(repo_id).sha
-            records = _parse(repo_id, head, _download(repo_id, JOURNAL_FILE, head))
-            search = _download(repo_id, SEARCH_FILE, head)
-        except HubStateError:
-            raise
+            return cls(repo_id=repo_id, head=head, journal=_download(repo_id, JOURNAL_FILE, head),
+                       search=_download(repo_id, SEARCH_FILE, head))
         except Exception as exc:  # noqa: BLE001 - one line, before anything is computed
             raise HubStateError(repo_id, hub.failure(exc, repo_id, offline_hint=False)) from None
-        return cls(repo_id=repo_id, head=head, records=records, search=search)
 
     @property
-    def evaluations(self) -> int:
-        from mergekit_recycle.optimize import proposals_evaluated
-
-        return proposals_evaluated(self.records)
+    def records(self) -> List[Record]:
+        """The Hub's journal, parsed (only when it is continued: --restart replaces even a damaged one)."""
+        records = []
+        for number, line in enumerate((self.journal or b"").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                raise HubStateError(self.repo_id, f"{JOURNAL_FILE} line {number} at commit {self.head[:7]} is not "
+                                    "JSON: restore it on the Hub, or rerun with --restart to start a new search "
+                                    "there") from None
+        return records
 
     def adopt(self, run_dir: Path, identity: Record, say: Callable[[str], None]) -> None:
         """Extend RUN_DIR's journal with the records the Hub has beyond it (all of them on a fresh runner).
 
         Refused when the two are different runs: each would overwrite the other's state.
         """
-        from mergekit_recycle.optimize import SEARCH_STATE
+        from mergekit_recycle.optimize import SEARCH_STATE, proposals_evaluated
 
+        theirs = self.records
         path = run_dir / JOURNAL
         local = Journal(path).records if path.is_file() else []
         mine = export_journal(local)
-        for index, (a, b) in enumerate(zip(mine, self.records)):
+        for index, (a, b) in enumerate(zip(mine, theirs)):
             if not _same(a, b):
                 raise RunDirError(run_dir, f"{JOURNAL} and the search state on {self.repo_id} (commit "
                                   f"{self.head[:7]}) differ from record {index + 1} on: they are two runs. Continue "
                                   "the Hub's with another --run-dir, or rerun with --restart to replace it with a new run")
-        if len(self.records) <= len(mine):
+        if len(theirs) <= len(mine):
             return
-        extra = self.records[len(mine):]
+        extra = theirs[len(mine):]
         if not local:
             # The Hub's run record names the first runner's folders; this runner names its own.
             extra = [{**extra[0], **identity}] + extra[1:]
@@ -146,24 +163,26 @@ class HubState:
             journal.append(record)
         if self.search is not None:
             (run_dir / SEARCH_STATE).write_bytes(self.search)
-        say(f"resumed from {self.repo_id} (commit {self.head[:7]}): {self.evaluations} evaluations so far")
+        say(f"resumed from {self.repo_id} (commit {self.head[:7]}): {proposals_evaluated(theirs)} evaluations so far")
 
     def save(self, run_dir: Path, say: Callable[[str], None], message: Optional[str] = None,
-             required: bool = False) -> Optional[str]:
+             final: bool = False) -> Optional[str]:
         """Commit the search state when it changed since the last commit; the new head, or None.
 
-        A failed commit is reported and left to the next save (nothing is lost: the run folder keeps
-        it), unless `required`; a concurrent writer always stops the run.
+        Saves during the search come at most every MERGEKIT_RECYCLE_SAVE_INTERVAL seconds (the Hub
+        limits commits per repo and hour), and a failed one is reported and left to the next (the
+        run folder keeps everything). The `final` save always commits, and fails loudly.
         """
-        files = state_files(run_dir)
-        records = [json.loads(line) for line in files[JOURNAL_FILE].splitlines()]
-        if records == self.records and files.get(SEARCH_FILE) == self.search:
-            return None
         from mergekit_recycle.optimize import read_search_state
 
+        if not final and time.monotonic() - self.last_save < constants.save_interval():
+            return None
+        files = state_files(run_dir)
+        if files[JOURNAL_FILE] == self.journal and files.get(SEARCH_FILE) == self.search:
+            return None
         state = read_search_state(run_dir) or {}
-        best = state.get("best_fitness")
-        title = message or (f"mergekit-recycle: search state, {len(records)} records, "
+        best, count = state.get("best_fitness"), files[JOURNAL_FILE].count(b"\n")
+        title = message or (f"mergekit-recycle: search state, {count} records, "
                             f"{state.get('evaluations', 0)} evaluations"
                             + (f", best search objective {-best:.4f}" if best is not None else ""))
 
@@ -174,50 +193,63 @@ class HubState:
             return hub.api().create_commit(self.repo_id, operations, commit_message=title, parent_commit=parent)
 
         try:
-            info = self.commit(commit)
+            info = self.commit(commit, files)
         except ConcurrentRunError:
             raise
         except Exception as exc:  # noqa: BLE001 - the Hub being down must not end a night's search
             reason = hub.failure(exc, self.repo_id, offline_hint=False)
-            if required:
-                raise HubStateError(self.repo_id, f"saving the search state failed: {reason}; the run folder "
-                                    f"{run_dir} keeps it: rerun the same command to save it") from None
-            self.failed_saves += 1
+            if final:
+                raise HubStateError(self.repo_id, f"saving the search state failed: {reason}; {run_dir} keeps it "
+                                    "(the workflow uploads its journal as an artifact)") from None
             say(f"could not save the search state to {self.repo_id} ({reason}); trying again after the next generation")
             return None
-        self.records, self.search = records, files.get(SEARCH_FILE)
+        self.last_save = time.monotonic()
         return info.oid
 
-    def commit(self, make: Callable[[str], Any]) -> Any:
-        """make(parent) → CommitInfo, on top of `head`; made again on a newer head only when the commit in
-        between left the search state as this run knows it."""
+    def commit(self, make: Callable[[str], Any], files: Dict[str, bytes]) -> Any:
+        """make(parent) → CommitInfo of `files` (and whatever else make commits) on top of `head`.
+
+        When the Hub refuses it (412: a commit came in between), it is made again on top of the newer
+        head if that commit left the search state alone, or holds this run's own earlier state (a commit
+        of ours that landed although its answer was lost); otherwise another run wrote it.
+        """
         from huggingface_hub.errors import HfHubHTTPError
 
-        try:
-            info = make(self.head)
-        except HfHubHTTPError as exc:
-            if exc.response is None or exc.response.status_code != 412:
-                raise
-            self._follow_unrelated_commit()
-            info = make(self.head)
-        self.head = info.oid
+        for _ in range(3):
+            try:
+                info = make(self.head)
+                break
+            except HfHubHTTPError as exc:
+                if exc.response is None or exc.response.status_code != 412:
+                    raise
+                self._follow(files[JOURNAL_FILE])
+        else:
+            raise HubStateError(self.repo_id, "the repo kept moving while this run tried to commit to it; rerun "
+                                "the same command")
+        self.head, self.journal, self.search = info.oid, files[JOURNAL_FILE], files.get(SEARCH_FILE)
         return info
 
-    def _follow_unrelated_commit(self) -> None:
+    def _follow(self, mine: bytes) -> None:
         client = hub.api()
-        latest = client.list_repo_commits(self.repo_id)[0]
-        records = _parse(self.repo_id, latest.commit_id, _download(self.repo_id, JOURNAL_FILE, latest.commit_id))
-        if records != self.records:
-            raise ConcurrentRunError(self.repo_id, self.head, latest.commit_id, latest.title)
-        self.head = latest.commit_id
+        head = client.repo_info(self.repo_id).sha
+        theirs = _download(self.repo_id, JOURNAL_FILE, head)
+        ours = theirs == self.journal or (theirs is not None and mine.startswith(theirs))
+        if not ours:
+            title = next((c.title for c in client.list_repo_commits(self.repo_id) if c.commit_id == head), "")
+            raise ConcurrentRunError(self.repo_id, self.head, head, title)
+        self.head, self.journal, self.search = head, theirs, _download(self.repo_id, SEARCH_FILE, head)
 
     def published_report(self) -> Optional[Record]:
         """recycle/report.json of the model the repo holds (None before the first model revision)."""
         data = _download(self.repo_id, REPORT_FILE, self.head)
+        if data is None:
+            return None
         try:
-            return json.loads(data) if data is not None else None
+            report = json.loads(data)
         except ValueError:
-            return None  # not ours to judge: a model whose report cannot be read is replaced
+            report = None
+        # A report that cannot be read is published all the same: {} compares as a model without a score.
+        return report if isinstance(report, dict) else {}
 
     def conclude(self, run_dir: Path, report: Record, destination, push: bool,
                  say: Callable[[str], None]) -> str:
@@ -230,17 +262,22 @@ class HubState:
         decision = decide(report, self.published_report() if push else None, push)
         if decision.publish:
             staged = state_files(run_dir)  # what the model's commit holds: publish() journals the push after it
-            info = self.commit(lambda parent: publish(run_dir, destination, say, parent_commit=parent,
-                                                      message=decision.title, note=decision.record))
-            self.records = [json.loads(line) for line in staged[JOURNAL_FILE].splitlines()]
-            self.search = staged.get(SEARCH_FILE)
+            try:
+                info = self.commit(lambda parent: publish(run_dir, destination, say, parent_commit=parent,
+                                                          message=decision.title, note=decision.record), staged)
+            except PublishError:
+                # The next run publishes when it still beats the model; it must find this run's state.
+                with contextlib.suppress(HubStateError):
+                    self.save(run_dir, say, final=True, message=f"mergekit-recycle: search state, "
+                              f"{report['evaluations']} evaluations; publishing the model failed")
+                raise
             outcome = f"published {info.commit_url}: {decision.summary}"
         else:
             Journal(run_dir / JOURNAL).append({"type": "kept", "repo": self.repo_id, **decision.record, "time": _now()})
             outcome = f"model unchanged on {self.repo_id}: {decision.summary}"
         self.save(run_dir, say, message=f"mergekit-recycle: search state, {report['evaluations']} evaluations; "
                   + ("published a new model" if decision.publish else "model unchanged: " + decision.summary),
-                  required=True)
+                  final=True)
         return outcome
 
 
@@ -253,9 +290,20 @@ class Decision:
 
 
 def holdout_objective(report: Optional[Record]) -> Optional[float]:
-    """The optimized merge's holdout objective in a report (None when it was not scored)."""
-    row = next((r for r in (report or {}).get("rows", []) if r["kind"] == "optimized"), None)
-    return row["holdout"]["objective"] if row and row.get("holdout") else None
+    """The optimized merge's holdout objective in a report (None when it was not scored, or not readable)."""
+    try:
+        row = next((r for r in (report or {}).get("rows", []) if r.get("kind") == "optimized"), None)
+        value = row["holdout"]["objective"] if row and row.get("holdout") else None
+    except (AttributeError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _same_tasks(mine: Record, theirs: Record) -> bool:
+    """The same tasks, metrics and weights (reports from before the fingerprint: the same task names)."""
+    if isinstance(theirs.get("fingerprint"), dict):
+        return theirs["fingerprint"].get("tasks") == mine["fingerprint"]["tasks"]
+    return theirs.get("tasks") == mine["tasks"]
 
 
 def decide(report: Record, published: Optional[Record], push: bool) -> Decision:
@@ -273,16 +321,18 @@ def decide(report: Record, published: Optional[Record], push: bool) -> Decision:
                         {**record, "summary": why})
 
     if not push:
-        return keep("--no-push")
+        return keep("publishing is off (no --push, and no output.hub_repo)")
     if mine is None:
         return keep("no merge was scored on the holdout tasks")
     if published is None:
         return replace(f"first model, holdout objective {mine:.4f}", f"first model, holdout objective {mine:.4f}")
-    same_tasks = (published.get("fingerprint") or {}).get("tasks") == report["fingerprint"]["tasks"]
-    if not same_tasks or theirs is None:
+    if theirs is None:
+        return replace(f"the published model's recycle/report.json gives no holdout objective; holdout objective "
+                       f"{mine:.4f}", f"replaces a model without a holdout score, holdout objective {mine:.4f}")
+    if not _same_tasks(report, published):
         return replace(f"the published model was scored on other tasks; holdout objective {mine:.4f}",
                        f"new tasks, holdout objective {mine:.4f}")
-    winner, earlier = report["winner"], published.get("winner") or {}
+    winner, earlier = report["winner"], published.get("winner") if isinstance(published.get("winner"), dict) else {}
     if (winner["weights"], winner["scale"]) == (earlier.get("weights"), earlier.get("scale")):
         return keep(f"the published model is this winner (holdout objective {mine:.4f})")
     if mine > theirs:
@@ -292,24 +342,15 @@ def decide(report: Record, published: Optional[Record], push: bool) -> Decision:
 
 
 def _download(repo_id: str, filename: str, revision: str) -> Optional[bytes]:
-    """A small file of the repo at a commit, or None when the commit has no such file."""
+    """A small file of the repo at a commit, or None when the commit has no such file.
+
+    Only the Hub saying so means "no such file": a connection error or a 5xx raises, or a run would
+    start over and replace the state it could not read.
+    """
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision)).read_bytes()
-    except EntryNotFoundError:
+    except RemoteEntryNotFoundError:
         return None
-
-
-def _parse(repo_id: str, head: str, data: Optional[bytes]) -> List[Record]:
-    records = []
-    for number, line in enumerate((data or b"").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            raise HubStateError(repo_id, f"{JOURNAL_FILE} line {number} at commit {head[:7]} is not JSON: restore it "
-                                "on the Hub, or rerun with --restart to start a new search there") from None
-    return records

@@ -34,7 +34,7 @@ from mergekit_recycle import constants
 from mergekit_recycle.baselines import baseline_merges
 from mergekit_recycle.candidate import SPLITS, CandidateEvaluator, Split
 from mergekit_recycle.config_files import write_atomically
-from mergekit_recycle.errors import ConfigFileError, RunDirError, SearchAbortedError
+from mergekit_recycle.errors import ConfigFileError, HubStateError, RunDirError, SearchAbortedError
 from mergekit_recycle.hub import PICKLE_FILE
 from mergekit_recycle.journal import JOURNAL, Journal
 from mergekit_recycle.mergekit_yaml import write_merge_config
@@ -146,7 +146,7 @@ class Run:
 
     def __init__(self, recipe: Recipe, source: Path, pool: Pool, options: RunOptions, journal: Journal,
                  evaluator: CandidateEvaluator, say: Callable[[str], None], progress: bool,
-                 saved: Callable[[], None] = lambda: None):
+                 saved: Callable[..., None] = lambda final=False: None):
         self.recipe = recipe
         self.source = source
         self.pool = pool
@@ -312,15 +312,15 @@ class Run:
             if bar:
                 bar.close()
 
-    def save(self, cma: Optional[CMAES] = None) -> None:
+    def save(self, cma: Optional[CMAES] = None, final: bool = False) -> None:
         """After a stage or a generation that added to the journal: write search.json, then call `saved`."""
-        if len(self.journal.records) == self.saved_at:
+        if len(self.journal.records) == self.saved_at and not final:
             return  # replayed: nothing new
         if cma is not None:
             write_atomically(self.options.run_dir / SEARCH_STATE, json.dumps(
                 {**cma.state(), "evaluations": self._evaluations(), "records": len(self.journal.records)}, indent=1))
         self.saved_at = len(self.journal.records)
-        self.saved()
+        self.saved(final=final)
 
     def _evaluations(self) -> int:
         return proposals_evaluated(self.journal.records)
@@ -424,7 +424,8 @@ def open_journal(recipe: Recipe, pool: Pool, options: RunOptions) -> Journal:
     journal = Journal(options.run_dir / JOURNAL)
     runs = journal.of_type("run")
     if runs:
-        prints, earlier = fingerprint(recipe, pool, absolute_paths=runs[0].get("version") == 1), runs[0]["fingerprint"]
+        prints = fingerprint(recipe, pool, absolute_paths=runs[0].get("version") == 1)
+        earlier = runs[0].get("fingerprint") or {}
         changed = [part for part in prints if prints[part] != earlier.get(part)]
         if changed:
             raise RunDirError(options.run_dir, f"holds a run of a different recipe ({', '.join(changed)} changed); "
@@ -513,7 +514,8 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
             say(candidate_evaluator.describe())
         # Only now, once the pool loaded: a run that could not start leaves no record to be refused by.
         start_session(journal, recipe, pool, options, source.read_text(encoding="utf-8"))
-        saved = (lambda: hub_state.save(options.run_dir, say)) if hub_state is not None else (lambda: None)
+        saved = ((lambda final=False: hub_state.save(options.run_dir, say, final=final)) if hub_state is not None
+                 else (lambda final=False: None))
         run = Run(recipe, source, pool, options, journal, candidate_evaluator, say, progress, saved)
         stopped_early = False
         try:
@@ -523,7 +525,8 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
             say("time budget reached: stopping the search, writing the report for what was evaluated")
         except SearchAbortedError:
             write_report(options.run_dir, build_report(journal.records), journal.records)
-            run.save()
+            with contextlib.suppress(HubStateError):  # the run folder keeps it; the abort is the news
+                run.save(final=True)
             raise
         winner = run.finish()
         journal.append({"type": "finish", "time": _now(), "stopped_early": stopped_early})

@@ -14,13 +14,13 @@ import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import yaml
 
 from mergekit_recycle import hub
 from mergekit_recycle.errors import HubAccessError, PublishError, RunDirError
-from mergekit_recycle.hub_state import state_files, without_home
+from mergekit_recycle.hub_state import JOURNAL_FILE, SEARCH_FILE, hub_journal_is_behind, state_files, without_home
 from mergekit_recycle.journal import JOURNAL, Journal
 from mergekit_recycle.pool import Checkpoint
 
@@ -29,6 +29,8 @@ PLOTS = ("progress.png", "tasks.png", "weights.png")
 # Files of an earlier publish that this one replaces when it has no file of that name (a winner
 # with fewer shards, say): weights and their indexes at the top of the repo, and recycle/.
 STALE = re.compile(r"([^/]+\.safetensors(\.index\.json)?|pytorch_model[^/]*\.bin(\.index\.json)?|recycle/.*)$")
+# The search state a --resume-from-hub run keeps in the repo.
+STATE_FILES = (JOURNAL_FILE, SEARCH_FILE)
 
 
 @dataclass(frozen=True)
@@ -139,9 +141,15 @@ def publish(run_dir: Path, destination: Destination, say: Callable[[str], None] 
 
     with locked(run_dir):
         try:
-            staging = stage(run_dir, destination.repo_id)
+            # Outside a --resume-from-hub run, the search state goes along only where it loses nothing:
+            # publishing an older run folder must not roll back a nightly search kept in the repo.
+            with_state = parent_commit is not None or _state_is_behind(run_dir, destination.repo_id)
+            if not with_state:
+                say(f"the search state in {destination.repo_id} is ahead of {run_dir} or another run's: kept as it is")
+            staging = stage(run_dir, destination.repo_id, with_state)
             say(f"pushing {_size(staging)} to {destination.repo_id}")
-            commit = _upload(staging, run_dir, destination.repo_id, parent_commit, message)
+            commit = _upload(staging, run_dir, destination.repo_id, parent_commit, message,
+                             keep=() if with_state else STATE_FILES)
         finally:
             shutil.rmtree(run_dir / STAGING, ignore_errors=True)
         report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
@@ -173,7 +181,14 @@ def check_publishable(run_dir: Path) -> None:
                           "optimize` with the same recipe and run folder to finish the run first")
 
 
-def stage(run_dir: Path, repo_id: str) -> Path:
+def _state_is_behind(run_dir: Path, repo_id: str) -> bool:
+    try:
+        return hub_journal_is_behind(repo_id, state_files(run_dir)[JOURNAL_FILE])
+    except Exception as exc:  # noqa: BLE001
+        raise PublishError(run_dir, repo_id, hub.failure(exc, repo_id, offline_hint=False)) from None
+
+
+def stage(run_dir: Path, repo_id: str, with_state: bool = True) -> Path:
     """RUN_DIR/hub-upload: the repo's content, as hard links where possible (nothing large is copied)."""
     from mergekit_recycle.model_card import build_model_card
     from mergekit_recycle.optimize import RECIPE_COPY
@@ -198,7 +213,7 @@ def stage(run_dir: Path, repo_id: str) -> Path:
     public_report = {**report, "rows": [without_home(row) for row in report["rows"]],
                      "checkpoints": {c["name"]: Checkpoint.model_validate(c).published_source for c in run["checkpoints"]}}
     (staging / "recycle" / "report.json").write_text(json.dumps(public_report, indent=2), encoding="utf-8")
-    for name, data in state_files(run_dir).items():
+    for name, data in state_files(run_dir).items() if with_state else ():
         (staging / name).write_bytes(data)
     if recipe_text:
         (staging / "recycle" / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
@@ -219,7 +234,8 @@ def portable_config(winner: Path, run: Dict[str, Any]) -> str:
             + yaml.safe_dump(config, sort_keys=False))
 
 
-def _upload(staging: Path, run_dir: Path, repo_id: str, parent_commit: Optional[str], message: Optional[str]):
+def _upload(staging: Path, run_dir: Path, repo_id: str, parent_commit: Optional[str], message: Optional[str],
+            keep: Tuple[str, ...] = ()):
     """One commit of the staging folder (huggingface_hub retries a commit the Hub fails with 5xx)."""
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -229,7 +245,7 @@ def _upload(staging: Path, run_dir: Path, repo_id: str, parent_commit: Optional[
     client = hub.api()
     try:
         stale = [f for f in client.list_repo_files(repo_id, revision=parent_commit)
-                 if STALE.match(f) and f not in staged]
+                 if STALE.match(f) and f not in staged and f not in keep]
         return client.upload_folder(repo_id=repo_id, folder_path=staging, commit_message=message,
                                     delete_patterns=[hub.exact_pattern(f) for f in stale] or None,
                                     parent_commit=parent_commit)

@@ -315,10 +315,16 @@ class HubServer:
         """The titles of the commits on a branch, oldest first."""
         return [title for _, title in self.history(repo_id, revision)]
 
-    def fail_next(self, method: str, path_prefix: str, status: int, times: int = 1) -> None:
-        """Answer the next `times` requests of `method` whose path starts with `path_prefix` with `status`."""
+    def fail_next(self, method: str, path_prefix: str, status: int, times: int = 1, landed: bool = False) -> None:
+        """Answer the next `times` requests of `method` whose path starts with `path_prefix` with `status`;
+        `landed`: carry the request out first (a commit made, whose answer a proxy lost)."""
         with self._lock:
-            self._failures.append([method.upper(), path_prefix, status, times])
+            self._failures.append([method.upper(), path_prefix, status, times, landed])
+
+    def clear_failures(self) -> None:
+        """Forget the failures fail_next set up and no request used."""
+        with self._lock:
+            self._failures.clear()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -340,15 +346,22 @@ class HubServer:
     def _route(
         self, method: str, path: str, query: dict[str, list[str]], headers: dict[str, str], body: bytes
     ) -> Response:
+        landed = None
         for failure in self._failures:
             if failure[0] == method and path.startswith(failure[1]) and failure[3] > 0:
                 failure[3] -= 1
-                raise HubError(failure[2], "Injected failure (HubServer.fail_next)")
+                if not failure[4]:
+                    raise HubError(failure[2], "Injected failure (HubServer.fail_next)")
+                landed = failure[2]
+                break
         request = Request(method, path, query, headers, body, self._authenticate(headers))
         for route_method, pattern, handler in self._routes:
             if route_method == method and (match := pattern.fullmatch(path)):
                 groups = {name: unquote(value) for name, value in match.groupdict().items() if value is not None}
-                return handler(request, **groups)
+                response = handler(request, **groups)
+                if landed is not None:
+                    raise HubError(landed, "Injected failure after the request was carried out (HubServer.fail_next)")
+                return response
         self.unhandled.append((method, path))
         raise HubError(404, f"HubServer has no route for {method} {path}")
 

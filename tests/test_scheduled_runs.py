@@ -45,14 +45,15 @@ class Runner:
         self.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
         self.run_dir = root / "checkout" / "runs" / "recycle"
         self.env = {"HF_ENDPOINT": server.url, "HF_HOME": str(root / "hf-home"), "HF_TOKEN": TOKEN,
-                    "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+                    "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                    "MERGEKIT_RECYCLE_SAVE_INTERVAL": "0"}  # a save every generation, however short
 
-    def args(self, budget: str) -> List[str]:
+    def args(self, budget: str, *flags: str) -> List[str]:
         return ["optimize", str(self.recipe), "--resume-from-hub", "--push", "--budget", budget,
-                "--time-budget", "1h", "--quiet"]
+                "--time-budget", "1h", "--quiet", *flags]
 
-    def optimize(self, budget: str = NIGHT) -> subprocess.CompletedProcess:
-        return run_cli(*self.args(budget), env=self.env)
+    def optimize(self, budget: str = NIGHT, *flags: str, **env: str) -> subprocess.CompletedProcess:
+        return run_cli(*self.args(budget, *flags), env={**self.env, **env})
 
     def report(self) -> dict:
         return json.loads((self.run_dir / "report.json").read_text())
@@ -143,10 +144,22 @@ def test_nightly_runs_continue_one_search_and_publish_only_when_the_holdout_impr
     assert "| merge | kind | holdout add | holdout sort | holdout shift | holdout objective |" in summary.stdout
     assert f"**Hub:** published {server.url}/{repo}/commit/" in summary.stdout
 
+    # Publishing night 1's folder by hand brings back its model, not its (older) search state.
+    state = server.files(repo)["recycle/journal.jsonl"]
+    by_hand = run_cli("publish", str(first.run_dir), env=first.env)
+    assert by_hand.returncode == 0, by_hand.stderr
+    assert f"the search state in {repo} is ahead of {first.run_dir} or another run's: kept as it is" in by_hand.stderr
+    assert server.files(repo)["recycle/journal.jsonl"] == state
+    assert json.loads(server.files(repo)["recycle/report.json"])["evaluations"] == POPULATION * GENERATIONS
+
 
 def test_a_night_without_improvement_keeps_the_model_it_found_itself(night, server):
     first = night()
-    assert first.optimize().returncode == 0
+    assert first.optimize(MERGEKIT_RECYCLE_SAVE_INTERVAL="3600").returncode == 0
+    # Saves an hour apart: the baselines' only, then the model and the final state.
+    assert [t.split(",")[0] for t in server.titles(first.repo)[-3:]] == [
+        "mergekit-recycle: search state", "mergekit-recycle: first model", "mergekit-recycle: search state"]
+    assert len([t for t in server.titles(first.repo) if t.startswith("mergekit-recycle: search state")]) == 2
     model_commits = len([t for t in server.titles(first.repo) if "first model" in t])
     second = night()
     result = second.optimize("+0")  # nothing new to search: the same winner, scored the same
@@ -194,7 +207,7 @@ def _titles(server: HubServer, repo: str) -> List[str]:
 def test_a_concurrent_writer_stops_the_run_but_an_unrelated_commit_does_not(night, server, touches_state):
     runner = night()
     repo = runner.repo
-    interloper = {"recycle/journal.jsonl": b'{"type":"run","recipe":"another run"}\n'} if touches_state else {
+    interloper = {"recycle/journal.jsonl": b'{"type":"run","recipe":"another run"}\nnot JSON\n'} if touches_state else {
         "README.md": b"# edited on the Hub while the search ran\n"}
 
     def commit_in_between(repo_id: str, sha: str, title: str) -> None:
@@ -219,9 +232,43 @@ def test_a_concurrent_writer_stops_the_run_but_an_unrelated_commit_does_not(nigh
     assert server.titles(repo)[-1] == "someone else's commit"
     assert evaluations(runner.journal()) > 0  # this run's evaluations stay in its run folder
 
-    again = runner.optimize()  # its own folder and the Hub's state are two runs now
-    assert again.returncode == 2 and len(lines(again.stderr)) == 1, again.stderr
-    assert "they are two runs" in again.stderr and "--restart" in again.stderr
+    again = runner.optimize()  # the Hub's state is the other writer's now, and not even readable
+    assert again.returncode == 1 and len(lines(again.stderr)) == 1, again.stderr
+    assert f"{repo}: search state: recycle/journal.jsonl line 2 at commit " in again.stderr
+    assert "rerun with --restart" in again.stderr
+    restarted = runner.optimize(NIGHT, "--restart")
+    assert restarted.returncode == 0, restarted.stderr
+    assert hub_journal(server, repo)[0]["started"] == runner.journal()[0]["started"]
+
+
+def test_the_hub_failing_never_costs_the_state(night, server):
+    first = night()
+    repo = first.repo
+    # The first save's commit lands, but its answer is lost (a 500; huggingface_hub retries, gets a 412):
+    # the run sees its own commit there, and goes on.
+    server.fail_next("POST", f"/api/models/{repo}/commit/", 500, landed=True)
+    result = first.optimize()
+    assert result.returncode == 0, result.stderr
+    state = server.files(repo)["recycle/journal.jsonl"]
+    assert [json.loads(line) for line in state.splitlines()][-1]["type"] == "publish"
+
+    # The Hub answers 503 while the next night reads the state: one line, and nothing replaced.
+    second = night()
+    server.fail_next("HEAD", f"/{repo}/resolve/", 503, times=20)  # huggingface_hub retries for 23 s, then gives up
+    try:
+        failed = second.optimize()
+    finally:
+        server.clear_failures()
+    assert failed.returncode == 1 and lines(failed.stderr)[-1].startswith(f"{repo}: search state: "), failed.stderr
+    assert server.files(repo)["recycle/journal.jsonl"] == state and not second.run_dir.exists()
+
+    # A published report that is not ours to read: the model it describes is replaced.
+    server.commit(repo, {"recycle/report.json": b"[1, 2]"}, message="a report of another tool")
+    third = night()
+    result = third.optimize()
+    assert result.returncode == 0, result.stderr
+    assert "recycle/report.json gives no holdout objective" in result.stdout
+    assert third.report()["evaluations"] == 2 * POPULATION * GENERATIONS
 
 
 def test_a_hub_pool_stays_pinned_across_runners_after_its_branch_moves(night, server, small_pool):

@@ -177,8 +177,11 @@ def test_every_mergekit_recycle_command_and_flag_the_workflows_use_exists():
         subcommand = next((word for word in arguments if not word.startswith("-")), "")
         flags = used.setdefault(subcommand, {})
         for word in arguments:
-            if word.startswith("-") and word != "-":
-                flags.setdefault(word.split("=", 1)[0], []).append(f"{file_name}: {shlex.join(command)}")
+            # A flag given only when a variable is set: ${RESTART:+--restart}.
+            conditional = re.fullmatch(r"\$\{\w+:\+(--?[\w-]+)\}", word)
+            flag = conditional.group(1) if conditional else word if word.startswith("-") and word != "-" else None
+            if flag:
+                flags.setdefault(flag.split("=", 1)[0], []).append(f"{file_name}: {shlex.join(command)}")
 
     problems = []
     for subcommand, flags in sorted(used.items()):
@@ -260,9 +263,10 @@ def test_workflow_triggers_and_settings():
     assert inputs["recipe"]["default"] == "recipes/pool.yaml"
     assert inputs["budget"]["default"] == "+200"
     assert inputs["time_budget"]["default"] == "5h"
-    assert inputs["runner"]["default"] == "ubuntu-latest"
+    assert inputs["runner"]["default"] == ""  # so that a manual run falls back to vars.RECYCLE_RUNNER too
+    assert inputs["restart"]["type"] == "boolean" and inputs["restart"]["default"] is False
     # On schedule every input is empty: each use must fall back to a default.
-    for match in re.finditer(r"inputs\.(\w+)(\s*\|\|)?", text):
+    for match in re.finditer(r"inputs\.(\w+)(\s*(\|\||&&))?", text):
         assert match.group(2), f"inputs.{match.group(1)} is used without a fallback (empty on schedule)"
 
     concurrency = workflow["concurrency"]
@@ -289,7 +293,7 @@ def test_workflow_triggers_and_settings():
         if is_program(command[0], "mergekit-recycle") and "optimize" in command
     ]
     assert len(optimize) == 1, optimize
-    for flag in ("--resume-from-hub", "--push", "--budget", "--time-budget", "--run-dir"):
+    for flag in ("--resume-from-hub", "--push", "--budget", "--time-budget", "--run-dir", "${RESTART:+--restart}"):
         assert flag in optimize[0], (flag, optimize[0])
 
     summary = [step for step in all_steps if "$GITHUB_STEP_SUMMARY" in step.get("run", "")]
@@ -297,8 +301,11 @@ def test_workflow_triggers_and_settings():
     (upload,) = [step for step in all_steps if uses(step, "actions/upload-artifact")]
     assert "always()" in str(upload.get("if"))
     assert "report.md" in upload["with"]["path"] and "journal.jsonl" in upload["with"]["path"]
-    cache = [step for step in all_steps if uses(step, "actions/cache")]
-    assert cache and "demo_pool" in cache[0]["with"]["key"]
+    restore = [step for step in all_steps if uses(step, "actions/cache/restore")]
+    save = [step for step in all_steps if uses(step, "actions/cache/save")]
+    assert restore and save and restore[0]["with"]["key"] == save[0]["with"]["key"] and "demo_pool" in save[0]["with"]["key"]
+    # Saved right after it is built, before the search: a failed night must not lose the pool it was fingerprinted with.
+    assert all_steps.index(save[0]) < next(i for i, step in enumerate(all_steps) if "optimize" in step.get("run", ""))
 
 
 def test_commands_splits_shell_scripts():
