@@ -185,7 +185,7 @@ class Budget(click.ParamType):
         text = str(value).strip()
         increment = text.startswith("+")
         number = text[1:] if increment else text
-        if not number.isdigit() or (int(number) < 1 and not increment):
+        if not (number.isascii() and number.isdigit()) or (int(number) < 1 and not increment):
             self.fail(f"{value!r} is not a budget: a number of evaluations (200), or +N to add N to the run's", param, ctx)
         return int(number), increment
 
@@ -253,9 +253,14 @@ def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optiona
     report = optimize(recipe, recipe_file, options, say=say, progress=not quiet, hub_state=hub_state)
     click.echo(table(report, splits=("holdout",)))
     click.echo(holdout_summary(report))
-    click.echo(f"report: {options.run_dir / 'report.md'}" + (f"; merged model: {options.run_dir / 'merged'}" if "winner" in report else ""))
+    merged = "winner" in report and hub_state is None  # a run on the Hub merges its winner only to publish it
+    click.echo(f"report: {options.run_dir / 'report.md'}" + (f"; merged model: {options.run_dir / 'merged'}" if merged else ""))
     if hub_state is not None:
-        click.echo(hub_state.conclude(options.run_dir, report, destination, pushing, say))
+        from mergekit_recycle.optimize import merge_winner
+        from mergekit_recycle.resident_merge import resolve_device
+
+        click.echo(hub_state.conclude(options.run_dir, report, destination, pushing, say, lambda: merge_winner(
+            options.run_dir, resolve_device(options.device), trust_remote_code=recipe.merge.trust_remote_code)))
     elif destination is not None:
         from mergekit_recycle.publish import publish, published
 

@@ -251,16 +251,16 @@ class HubState:
         # A report that cannot be read is published all the same: {} compares as a model without a score.
         return report if isinstance(report, dict) else {}
 
-    def conclude(self, run_dir: Path, report: Record, destination, push: bool,
-                 say: Callable[[str], None]) -> str:
-        """After the search: a new model revision if the holdout objective improved, else the state alone.
-
-        Returns one line saying which, and why.
+    def conclude(self, run_dir: Path, report: Record, destination, push: bool, say: Callable[[str], None],
+                 merge_winner: Callable[[], Any]) -> str:
+        """After the search: a new model revision if the holdout objective improved (merge_winner() writes it
+        to RUN_DIR/merged first), else the state alone. Returns one line saying which, and why.
         """
         from mergekit_recycle.publish import publish
 
         decision = decide(report, self.published_report() if push else None, push)
         if decision.publish:
+            merge_winner()
             staged = state_files(run_dir)  # what the model's commit holds: publish() journals the push after it
             try:
                 info = self.commit(lambda parent: publish(run_dir, destination, say, parent_commit=parent,

@@ -532,7 +532,9 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
         journal.append({"type": "finish", "time": _now(), "stopped_early": stopped_early})
         report = build_report(journal.records)
         write_report(options.run_dir, report, journal.records)
-        if winner is not None:
+        # A run kept on the Hub merges its winner only to publish it (hub_state.conclude): a night that
+        # does not beat the published model skips writing the pool's worth of weights.
+        if winner is not None and hub_state is None:
             merge_winner(options.run_dir, device, trust_remote_code=recipe.merge.trust_remote_code)
         return report
 

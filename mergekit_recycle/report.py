@@ -145,6 +145,11 @@ def table(report: Dict[str, Any], splits=("search", "holdout")) -> str:
     return "\n".join(lines)
 
 
+def margins_line(report: Dict[str, Any]) -> str:
+    return "Holdout margin of the optimized merge: " + ", ".join(
+        f"{label} {value:+.4f}" if value is not None else f"{label} —" for label, value in report["margins"].items())
+
+
 def markdown(report: Dict[str, Any]) -> str:
     lines = [f"# Recycling report: {report['recipe']}", ""]
     budget = f" of {report['budget']}" if report.get("budget") else ""
@@ -154,8 +159,7 @@ def markdown(report: Dict[str, Any]) -> str:
                  + ("" if report.get("finished") else " The run has not finished: the winner so far is shown."))
     lines += ["", "## Search and holdout scores", "", table(report), ""]
     if "margins" in report:
-        lines.append("Holdout margin of the optimized merge: " + ", ".join(
-            f"{label} {value:+.4f}" if value is not None else f"{label} —" for label, value in report["margins"].items()))
+        lines.append(margins_line(report))
         winner = report["winner"]
         lines += ["", "## The winner", "",
                   f"Found as {winner['from']}; {winner['weights_above_1pct']} of {len(winner['weights'])} weights "
@@ -185,8 +189,7 @@ def summary(report: Dict[str, Any], records: List[Record]) -> str:
                      f"{len(winner['weights'])} checkpoints a weight above 1%.")
     lines += ["", table(report, splits=("holdout",)), ""]
     if report.get("margins"):
-        lines.append("Holdout margin of the optimized merge: " + ", ".join(
-            f"{label} {value:+.4f}" if value is not None else f"{label} —" for label, value in report["margins"].items()))
+        lines.append(margins_line(report))
     sessions = [i for i, r in enumerate(records) if r.get("type") == "session"]
     outcomes = [r for r in records[sessions[-1] if sessions else 0:] if r.get("type") in ("publish", "kept")]
     if outcomes:

@@ -115,6 +115,7 @@ def test_nightly_runs_continue_one_search_and_publish_only_when_the_holdout_impr
     assert result.returncode == 0, result.stderr
     assert f"model unchanged on {repo}: holdout objective " in result.stdout
     assert "does not beat the published 1.0000" in result.stdout
+    assert not (second.run_dir / "merged").exists()  # a winner that is not published is not written to disk
     report = second.report()
     assert report["evaluations"] == 2 * POPULATION * GENERATIONS and report["session_evaluations"] == POPULATION * GENERATIONS
     files = server.files(repo)
@@ -136,6 +137,7 @@ def test_nightly_runs_continue_one_search_and_publish_only_when_the_holdout_impr
     assert server.titles(repo)[-2] == (f"mergekit-recycle: holdout objective 0.0000 → {mine:.4f} (+{mine:.4f}) "
                                        f"({3 * POPULATION * GENERATIONS} evaluations)")
     assert json.loads(server.files(repo)["recycle/report.json"])["evaluations"] == 3 * POPULATION * GENERATIONS
+    assert (third.run_dir / "merged" / "model.safetensors").read_bytes() == server.files(repo)["model.safetensors"]
 
     summary = run_cli("report", str(third.run_dir), "--summary")
     assert summary.returncode == 0, summary.stderr
