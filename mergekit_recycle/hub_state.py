@@ -23,13 +23,12 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from mergekit_recycle import constants, hub
 from mergekit_recycle.errors import ConcurrentRunError, HubStateError, PublishError, RunDirError
-from mergekit_recycle.journal import JOURNAL, Journal
+from mergekit_recycle.journal import JOURNAL, Journal, now
 
 Record = Dict[str, Any]
 JOURNAL_FILE = "recycle/journal.jsonl"
@@ -81,8 +80,14 @@ def state_files(run_dir: Path) -> Dict[str, bytes]:
 
 def hub_journal_is_behind(repo_id: str, journal: bytes) -> bool:
     """Whether the repo's search state is none, or this journal's beginning (so replacing it loses nothing)."""
-    theirs = _download(repo_id, JOURNAL_FILE, hub.api().repo_info(repo_id).sha)
+    _, theirs = _journal_at_head(repo_id)
     return theirs is None or journal.startswith(theirs)
+
+
+def _journal_at_head(repo_id: str) -> Tuple[str, Optional[bytes]]:
+    """The head of the repo's main branch, and recycle/journal.jsonl there (None: no such file)."""
+    head = hub.api().repo_info(repo_id).sha
+    return head, _download(repo_id, JOURNAL_FILE, head)
 
 
 def _lines(records: List[Record]) -> bytes:
@@ -95,10 +100,6 @@ def _same(mine: Record, theirs: Record) -> bool:
     if mine.get("type") == "run" == theirs.get("type"):
         return (mine.get("fingerprint"), mine.get("started")) == (theirs.get("fingerprint"), theirs.get("started"))
     return mine == theirs
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -115,9 +116,8 @@ class HubState:
     def read(cls, repo_id: str) -> "HubState":
         """The state at the head of repo_id's main branch; empty when the repo keeps none yet."""
         try:
-            head = hub.api().repo_info(repo_id).sha
-            return cls(repo_id=repo_id, head=head, journal=_download(repo_id, JOURNAL_FILE, head),
-                       search=_download(repo_id, SEARCH_FILE, head))
+            head, journal = _journal_at_head(repo_id)
+            return cls(repo_id=repo_id, head=head, journal=journal, search=_download(repo_id, SEARCH_FILE, head))
         except Exception as exc:  # noqa: BLE001 - one line, before anything is computed
             raise HubStateError(repo_id, hub.failure(exc, repo_id, offline_hint=False)) from None
 
@@ -230,12 +230,10 @@ class HubState:
         return info
 
     def _follow(self, mine: bytes) -> None:
-        client = hub.api()
-        head = client.repo_info(self.repo_id).sha
-        theirs = _download(self.repo_id, JOURNAL_FILE, head)
+        head, theirs = _journal_at_head(self.repo_id)
         ours = theirs == self.journal or (theirs is not None and mine.startswith(theirs))
         if not ours:
-            title = next((c.title for c in client.list_repo_commits(self.repo_id) if c.commit_id == head), "")
+            title = next((c.title for c in hub.api().list_repo_commits(self.repo_id) if c.commit_id == head), "")
             raise ConcurrentRunError(self.repo_id, self.head, head, title)
         self.head, self.journal, self.search = head, theirs, _download(self.repo_id, SEARCH_FILE, head)
 
@@ -273,7 +271,7 @@ class HubState:
                 raise
             outcome = f"published {info.commit_url}: {decision.summary}"
         else:
-            Journal(run_dir / JOURNAL).append({"type": "kept", "repo": self.repo_id, **decision.record, "time": _now()})
+            Journal(run_dir / JOURNAL).append({"type": "kept", "repo": self.repo_id, **decision.record, "time": now()})
             outcome = f"model unchanged on {self.repo_id}: {decision.summary}"
         self.save(run_dir, say, message=f"mergekit-recycle: search state, {report['evaluations']} evaluations; "
                   + ("published a new model" if decision.publish else "model unchanged: " + decision.summary),

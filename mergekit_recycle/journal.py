@@ -18,12 +18,18 @@ journaled fitnesses rebuilds it exactly (see `search.py`).
 
 import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 from mergekit_recycle.errors import RunDirError
 
 JOURNAL = "journal.jsonl"
+
+
+def now() -> str:
+    """A record's time: UTC, to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class Journal:

@@ -36,7 +36,7 @@ from mergekit_recycle.candidate import SPLITS, CandidateEvaluator, Split
 from mergekit_recycle.config_files import write_atomically
 from mergekit_recycle.errors import ConfigFileError, HubStateError, RunDirError, SearchAbortedError
 from mergekit_recycle.hub import PICKLE_FILE
-from mergekit_recycle.journal import JOURNAL, Journal
+from mergekit_recycle.journal import JOURNAL, Journal, now
 from mergekit_recycle.mergekit_yaml import write_merge_config
 from mergekit_recycle.pool import Pool, resolve_pool
 from mergekit_recycle.proposal import Merge, SearchSpace
@@ -137,10 +137,6 @@ def set_aside(run_dir: Path) -> Path:
     return target
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 class Run:
     """One search, applied to a run folder; each method is a stage of the plan."""
 
@@ -220,11 +216,11 @@ class Run:
         earlier = self._find(merge, split)
         if earlier is not None:
             record.update(status="ok", scores=earlier["scores"], objective=earlier["objective"], error=None,
-                          merge_seconds=0.0, eval_seconds=0.0, reused=earlier["name"], time=_now())
+                          merge_seconds=0.0, eval_seconds=0.0, reused=earlier["name"], time=now())
             return self._append(record)
         if timed:
             self._check_time(split)
-        record.update(self._score(merge, split), reused=None, time=_now())
+        record.update(self._score(merge, split), reused=None, time=now())
         self._append(record)
         self._count_failure(record)
         return record
@@ -449,11 +445,11 @@ def start_session(journal: Journal, recipe: Recipe, pool: Pool, options: RunOpti
     if not journal.of_type("run"):
         journal.append({
             "type": "run", "version": 2, "recipe": recipe.name, "fingerprint": fingerprint(recipe, pool),
-            "started": _now(), **run_identity(recipe, pool),
+            "started": now(), **run_identity(recipe, pool),
             "tasks": [{"name": t.name, "search": t.search, "holdout": t.holdout, "metric": t.metric, "weight": t.weight}
                       for t in recipe.tasks],
         })
-    journal.append({"type": "session", "started": _now(), "budget": options.budget,
+    journal.append({"type": "session", "started": now(), "budget": options.budget,
                     "time_budget": options.time_budget, "device": options.device})
     write_atomically(options.run_dir / RECIPE_COPY, recipe_text)
 
@@ -529,7 +525,7 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
                 run.save(final=True)
             raise
         winner = run.finish()
-        journal.append({"type": "finish", "time": _now(), "stopped_early": stopped_early})
+        journal.append({"type": "finish", "time": now(), "stopped_early": stopped_early})
         report = build_report(journal.records)
         write_report(options.run_dir, report, journal.records)
         # A run kept on the Hub merges its winner only to publish it (hub_state.conclude): a night that

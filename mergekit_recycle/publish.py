@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -21,7 +20,7 @@ import yaml
 from mergekit_recycle import hub
 from mergekit_recycle.errors import HubAccessError, PublishError, RunDirError
 from mergekit_recycle.hub_state import JOURNAL_FILE, SEARCH_FILE, hub_journal_is_behind, state_files, without_home
-from mergekit_recycle.journal import JOURNAL, Journal
+from mergekit_recycle.journal import JOURNAL, Journal, now
 from mergekit_recycle.pool import Checkpoint
 
 STAGING = "hub-upload"
@@ -156,7 +155,7 @@ def publish(run_dir: Path, destination: Destination, say: Callable[[str], None] 
         Journal(run_dir / JOURNAL).append({
             "type": "publish", "repo": destination.repo_id, "commit": commit.oid, "url": commit.commit_url,
             "evaluations": report["evaluations"], "winner": report["winner"]["from"], **(note or {}),
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            "time": now()})
     return commit
 
 
