@@ -9,7 +9,7 @@ means another implementation of the same method, not a change to the search.
 import math
 import time
 from pathlib import Path
-from typing import Dict, Literal, Optional, Protocol
+from typing import Dict, List, Literal, Optional, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -22,9 +22,13 @@ from mergekit_recycle.recipe import Recipe
 from mergekit_recycle.resident_merge import ResidentMerger, load_resident_model
 from mergekit_recycle.simplex import normalise
 
-Split = Literal["search", "holdout"]
+Split = Literal["search", "selection", "holdout"]
 
-SPLITS = ("search", "holdout")
+# search: what CMA-ES sees; selection: the search tasks' held-back documents, which choose the
+# winner (recipe `selection.holdback`); holdout: the report's tasks, never used to choose.
+SPLITS = ("search", "selection", "holdout")
+# Splits whose per-document scores are kept: the paired comparisons of selection and report need them.
+PER_DOCUMENT_SPLITS = ("selection", "holdout")
 
 
 class Evaluation(BaseModel):
@@ -36,6 +40,9 @@ class Evaluation(BaseModel):
     objective: float
     merge_seconds: float
     eval_seconds: float
+    # recipe task -> the metric per document, in document order (selection and holdout splits only;
+    # a task that is an lm-eval group has none).
+    documents: Optional[Dict[str, List[float]]] = None
 
 
 class CandidateEvaluator(Protocol):
@@ -49,10 +56,15 @@ def objective(recipe: Recipe, scores: Dict[str, float]) -> float:
     return math.fsum(share * scores[task.name] for share, task in zip(shares, recipe.tasks))
 
 
+def task_name(task, split: Split) -> str:
+    """The lm-eval task a recipe task scores on `split`: the selection split is the search task's held-back part."""
+    return task.holdout if split == "holdout" else task.search
+
+
 def needs_lm_eval_tasks(recipe: Recipe) -> bool:
     """Whether some task is not defined by the recipe's task_paths (indexing lm-eval's own is slow)."""
     known = task_manager(recipe).task_index if recipe.task_paths else {}
-    return any(getattr(task, split) not in known for task in recipe.tasks for split in SPLITS)
+    return any(getattr(task, role) not in known for task in recipe.tasks for role in ("search", "holdout"))
 
 
 class ResidentEvaluator:
@@ -66,15 +78,19 @@ class ResidentEvaluator:
         self.merger = ResidentMerger(pool, self.model, recipe.merge.dtype, in_memory=in_memory)
         include_defaults = needs_lm_eval_tasks(recipe)
         limits = {task.search: task.limit for task in recipe.tasks if task.limit}
+        holdback = recipe.selection.holdback
+        splits = [split for split in SPLITS if split != "selection" or recipe.selection.enabled]
         try:
             self.scorers = {
                 split: Scorer(
-                    self.model, tokenizer, [getattr(task, split) for task in recipe.tasks], recipe.task_paths,
+                    self.model, tokenizer, [task_name(task, split) for task in recipe.tasks], recipe.task_paths,
                     include_defaults=include_defaults, batch_size=batch_size, device=device,
-                    # Only the search is subsampled: the holdout report scores every example.
+                    # Only the search is subsampled: the selection and the holdout report score every
+                    # document they have.
                     limits=limits if split == "search" else None, seed=recipe.search.seed,
+                    holdback=holdback if split != "holdout" else 0.0, part=split,
                 )
-                for split in SPLITS
+                for split in splits
             }
         except LimitOnGroupError as exc:
             index = next(i for i, task in enumerate(recipe.tasks) if task.search == exc.task)
@@ -94,16 +110,21 @@ class ResidentEvaluator:
             self.merger.merge(merge)
             self._current = merge
         merged = time.perf_counter()
-        results = self.scorers[split].score()
+        per_document = split in PER_DOCUMENT_SPLITS
+        results = self.scorers[split].score(log_samples=per_document)
         scores = {task.name: self._metric(results, task, split) for task in self.recipe.tasks}
-        return Evaluation(scores=scores, objective=objective(self.recipe, scores),
+        documents = None
+        if per_document:
+            documents = {task.name: values for task in self.recipe.tasks
+                         if (values := results.samples.get(task_name(task, split), {}).get(metric_name(task.metric)))}
+        return Evaluation(scores=scores, objective=objective(self.recipe, scores), documents=documents,
                           merge_seconds=merged - started, eval_seconds=time.perf_counter() - merged)
 
     def _check_metrics(self) -> None:
         """Refuse metrics the objective cannot maximise: lower-is-better ones (perplexity, say)."""
         for index, task in enumerate(self.recipe.tasks):
-            for split in SPLITS:
-                name = getattr(task, split)
+            for split in self.scorers:
+                name = task_name(task, split)
                 lm_eval_task = self.scorers[split].task_dict.get(name)
                 if lm_eval_task is None or not hasattr(lm_eval_task, "higher_is_better"):
                     continue  # a group: its metrics are known only after scoring
@@ -114,7 +135,7 @@ class ResidentEvaluator:
                                       "so every metric must be one where higher is better")
 
     def _metric(self, results, task, split: Split) -> float:
-        name = getattr(task, split)
+        name = task_name(task, split)
         reported = results[name]
         metric = metric_name(task.metric)
         if metric not in reported:

@@ -12,7 +12,7 @@ from typing import Any, Callable, NoReturn, Optional, Tuple
 import click
 
 from mergekit_recycle import __version__, constants
-from mergekit_recycle.demo_pool.build import SIZES
+from mergekit_recycle.demo_pool.build import DESIGNS, SIZES
 from mergekit_recycle.errors import RecycleError
 
 
@@ -114,15 +114,21 @@ def validate_command(recipe_file: Path, check_tasks: bool, as_json: bool) -> Non
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True, help="Seed of the whole pool.")
 @click.option("--size", type=click.Choice(SIZES), default="default", show_default=True,
               help="'small' trains less and asks fewer questions (for tests).")
+@click.option("--design", type=click.Choice(DESIGNS), default=DESIGNS[0], show_default=True,
+              help="What the pool holds. forgetting: post-training runs that each forget what they do not "
+              "rehearse; experts: one-skill experts from a partly trained base; trajectory: one run's "
+              "checkpoints every few hundred steps and two annealed ends; dominant: one checkpoint best "
+              "at everything (no headroom); broken: forgetting plus one diverged checkpoint; qwen2: "
+              "forgetting on a tied-embedding Qwen2.")
 @click.option("--quiet", is_flag=True, help="Print only the summary table.")
-def demo_pool_command(directory: Path, seed: int, size: str, quiet: bool) -> None:
-    """Build the demo pool in DIRECTORY: tiny Llama checkpoints that trade three skills off,
-    their lm-eval tasks and recipe.yaml. Offline and deterministic; a no-op when DIRECTORY
-    already holds the same pool."""
+def demo_pool_command(directory: Path, seed: int, size: str, design: str, quiet: bool) -> None:
+    """Build the demo pool in DIRECTORY: tiny Llama checkpoints (Qwen2 for --design qwen2) that
+    trade three skills off, their lm-eval tasks and recipe.yaml. Offline and deterministic; a
+    no-op when DIRECTORY already holds the same pool."""
     from mergekit_recycle.demo_pool import build_pool, summary_table
 
     report = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
-    summary = build_pool(directory, seed=seed, size=size, report=report)
+    summary = build_pool(directory, seed=seed, size=size, report=report, design=design)
     click.echo(summary_table(summary))
     click.echo(f"recipe: {directory / 'recipe.yaml'} (the pool took {summary.build_seconds:.0f} s to build)")
 
@@ -311,12 +317,14 @@ def quiet_say(quiet: bool) -> Callable[[str], None]:
 
 
 def holdout_summary(report: dict) -> str:
-    if not report.get("margins"):
+    from mergekit_recycle.report import margins_line, selection_line
+
+    if "winner" not in report:
         return "no winner yet: nothing was scored on the search tasks"
-    margins = ", ".join(f"{label} {value:+.4f}" for label, value in report["margins"].items() if value is not None)
     winner = report["winner"]
-    return (f"{report['evaluations']} evaluations; winner {winner['from']} uses {winner['weights_above_1pct']} of "
-            f"{len(winner['weights'])} checkpoints above 1%; holdout margin over {margins}")
+    lines = [f"{report['evaluations']} evaluations; winner {winner['from']} uses {winner['weights_above_1pct']} of "
+             f"{len(winner['weights'])} checkpoints above 1%", margins_line(report)]
+    return "\n".join(lines + ([selection_line(report)] if selection_line(report) else []))
 
 
 @cli.command("report")

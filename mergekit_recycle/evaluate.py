@@ -85,27 +85,56 @@ def metric_name(key: str) -> str:
     return key[: -len(",none")] if key.endswith(",none") else key
 
 
-def seeded_subsets(task_dict, limits: Dict[str, int], seed: int) -> Dict[str, List[int]]:
-    """For each task with a limit, a seeded random subset of that many document indices.
+def seeded_subsets(task_dict, limits: Dict[str, int], seed: int, holdback: float = 0.0,
+                   part: str = "search") -> Dict[str, List[int]]:
+    """Which documents of each task a scorer sees: a dict task -> sorted document indices
+    (a task left out is scored on every document).
 
-    The subset depends only on the seed, the task and its size, so every candidate of a
-    run, and every resumed process, is scored on the same documents.
+    With `holdback`, each leaf task's documents are cut in two by a seeded permutation: the
+    held-back share (`part="selection"`) that the search never sees, and the rest
+    (`part="search"`). A task with a limit is then scored on a seeded subset of that many of
+    its search documents. Subsets depend only on the seed, the task and its size, so every
+    candidate of a run, and every resumed process, is scored on the same documents; with no
+    holdback they are the subsets of earlier versions.
     """
     import numpy as np
 
-    subsets = {}
+    subsets: Dict[str, List[int]] = {}
+    if holdback > 0:
+        for name, task in leaf_tasks(task_dict).items():
+            count = len(list(task.eval_docs))
+            order = np.random.default_rng([seed, zlib.crc32(name.encode()), 1]).permutation(count)
+            held = max(1, round(holdback * count)) if count > 1 else 0
+            chosen = order[:held] if part == "selection" else order[held:]
+            subsets[name] = sorted(int(i) for i in chosen)
+    if part == "selection":
+        return subsets
     for task, limit in limits.items():
         if task not in task_dict:
             raise LimitOnGroupError(task)
-        count = len(list(task_dict[task].eval_docs))
-        if limit < count:
+        documents = subsets.get(task) or list(range(len(list(task_dict[task].eval_docs))))
+        if limit < len(documents):
             rng = np.random.default_rng([seed, zlib.crc32(task.encode())])
-            subsets[task] = sorted(int(i) for i in rng.choice(count, size=limit, replace=False))
+            subsets[task] = sorted(documents[int(i)] for i in rng.choice(len(documents), size=limit, replace=False))
     return subsets
 
 
+def leaf_tasks(task_dict) -> Dict[str, object]:
+    """name -> Task for every task in a (possibly nested, for groups) lm-eval task dict."""
+    from lm_eval.api.task import Task
+
+    leaves = {}
+    for name, value in task_dict.items():
+        if isinstance(value, Task):
+            leaves[str(name)] = value
+        elif isinstance(value, dict):
+            leaves.update(leaf_tasks(value))
+    return leaves
+
+
 class TaskScores(dict):
-    """task name -> {metric: value}, plus each task's per-document metrics in `.samples`."""
+    """task name -> {metric: value}; with log_samples, also each task's per-document metric
+    values in `.samples` (task -> metric, named as `metric_name` says -> values in document order)."""
 
     samples: Dict[str, Dict[str, List[float]]]
 
@@ -249,7 +278,8 @@ class Scorer:
 
     def __init__(self, model, tokenizer, tasks: Sequence[str], task_paths: Sequence[Path] = (),
                  include_defaults: bool = False, batch_size: int = 256, device: str = "cpu",
-                 limits: Optional[Dict[str, int]] = None, seed: int = 0):
+                 limits: Optional[Dict[str, int]] = None, seed: int = 0, holdback: float = 0.0,
+                 part: str = "search"):
         from lm_eval.tasks import TaskManager, get_task_dict
 
         quiet_lm_eval()
@@ -257,7 +287,7 @@ class Scorer:
                               include_defaults=include_defaults)
         self.tasks = list(tasks)
         self.task_dict = get_task_dict(self.tasks, manager)
-        self.samples = seeded_subsets(self.task_dict, limits or {}, seed)
+        self.samples = seeded_subsets(self.task_dict, limits or {}, seed, holdback, part)
         self.model = model
         self.lm = resident_hflm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         reuse_requests(self.task_dict, self.lm, self.samples)
@@ -277,8 +307,23 @@ class Scorer:
                 for key, value in results["results"][task].items()
                 if "," in key and "_stderr" not in key
             }
-        scores.samples = {
-            task: {metric: [sample[metric] for sample in samples] for metric in scores[task]}
-            for task, samples in (results.get("samples") or {}).items()
-        }
+        scores.samples = {task: per_document(samples) for task, samples in (results.get("samples") or {}).items()}
         return scores
+
+    def documents(self, task: str) -> int:
+        """How many documents of `task` (a leaf) this scorer scores."""
+        if task in self.samples:
+            return len(self.samples[task])
+        return len(list(leaf_tasks(self.task_dict)[task].eval_docs))
+
+
+def per_document(samples: List[dict]) -> Dict[str, List[float]]:
+    """lm-eval's logged samples of one task -> metric (named as `metric_name` says) -> values in document order."""
+    values: Dict[str, List[tuple]] = {}
+    for sample in samples:
+        for metric in sample.get("metrics", ()):
+            value = sample.get(metric)
+            if isinstance(value, (int, float)):  # per-document metrics only (not e.g. bleu's tuples)
+                key = metric_name(f"{metric},{sample.get('filter', 'none')}")
+                values.setdefault(key, []).append((sample["doc_id"], float(value)))
+    return {key: [value for _, value in sorted(pairs)] for key, pairs in values.items()}

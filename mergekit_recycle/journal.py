@@ -11,7 +11,11 @@ Records (the `type` field):
     greedy-step, greedy), a proposal of the search (`proposal`, with `id`, `generation`
     and `coordinates`), or the winner's holdout score. `status` is `ok` or `failed`
     (with `error`); a proposal identical to an earlier merge is recorded with `reused`
-    and the earlier scores, and costs no evaluation.
+    and the earlier scores, and costs no evaluation. The `selection` (held-back documents)
+    and `holdout` splits also keep each task's metric per document (`documents`);
+    the selection's finalists are of kind `finalist`, the CMA-ES mean of kind `mean`;
+  - `selection`: the winner each finishing session chose, against which baseline, and why
+    (see selection.py);
 The optimizer's state is not stored: CMA-ES is seeded, so replaying its asks and the
 journaled fitnesses rebuilds it exactly (see `search.py`).
 """

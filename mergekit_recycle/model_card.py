@@ -5,7 +5,7 @@ plots, the recipe, and how to rebuild the merge)."""
 from typing import Any, Dict, List, Optional
 
 from mergekit_recycle.pool import Checkpoint
-from mergekit_recycle.report import USED_WEIGHT, table
+from mergekit_recycle.report import BASELINE_KINDS, USED_WEIGHT, margins_line, selection_line, table
 
 TAGS = ["merge", "mergekit", "mergekit-recycle"]
 PAPER = "https://arxiv.org/abs/2412.04144"
@@ -50,13 +50,23 @@ def _body(report: Dict[str, Any], checkpoints: List[Checkpoint], base: Optional[
     winner = report["winner"]
     used = winner["weights_above_1pct"]
     formula = ("θ = θ_base + scale · Σ wᵢ (θᵢ − θ_base)" if base else "θ = Σ wᵢ θᵢ") + ", wᵢ ≥ 0, Σ wᵢ = 1"
+    method = (f"mergekit-recycle, a plugin for [mergekit](https://github.com/arcee-ai/mergekit), searched linear merges "
+              f"of {len(checkpoints)} checkpoints ({formula}) with CMA-ES on a weighted mean of task scores (the method "
+              f"of Khalifa et al. 2024, [If You Can't Use Them, Recycle Them]({PAPER}))")
+    if winner.get("kind") in BASELINE_KINDS:
+        # The selection kept a baseline: the card says so rather than present it as what the search found.
+        kept = (f"the pool checkpoint **{winner['from']}**, unchanged" if winner["kind"] == "checkpoint"
+                else f"the **{winner['from']}** of the pool (equal weights over the checkpoints it holds)")
+        what = f"This model is {kept}: {method}, and no merge it found beat this one clearly on documents the search never saw."
+    else:
+        what = (f"This model is a linear merge of {len(checkpoints)} checkpoints ({formula}), its weights found by "
+                f"mergekit-recycle, a plugin for [mergekit](https://github.com/arcee-ai/mergekit), with CMA-ES on a "
+                f"weighted mean of task scores (the method of Khalifa et al. 2024, [If You Can't Use Them, Recycle "
+                f"Them]({PAPER})).")
     lines = [
         f"# {model_name}",
         "",
-        f"A linear merge of {len(checkpoints)} checkpoints ({formula}), its weights found by CMA-ES on a "
-        f"weighted mean of task scores with mergekit-recycle, a plugin for [mergekit](https://github.com/arcee-ai/mergekit) "
-        f"(the method of Khalifa et al. 2024, [If You Can't Use Them, Recycle Them]({PAPER})). "
-        f"{used} of {len(checkpoints)} checkpoints carry more than {USED_WEIGHT:.0%} of the weight.",
+        f"{what} {used} of {len(checkpoints)} checkpoints carry more than {USED_WEIGHT:.0%} of the weight.",
         "",
         "## Weights",
         "",
@@ -71,9 +81,11 @@ def _body(report: Dict[str, Any], checkpoints: List[Checkpoint], base: Optional[
               "Scores of the merge and of the baselines, on the tasks the search optimized (search) and on "
               "held-out tasks it never saw (holdout). The baselines are every single checkpoint, the uniform soup "
               "and the greedy soup (Wortsman et al. 2022).", "", table(report), ""]
-    margins = [f"{label} {value:+.4f}" for label, value in report.get("margins", {}).items() if value is not None]
-    if margins:
-        lines += [f"Holdout margin of this merge over: {', '.join(margins)}.", ""]
+    if report.get("comparison"):
+        # The words follow the intervals: a margin whose 95% interval holds 0 reads "no better than".
+        lines += [margins_line(report), ""]
+    if selection_line(report):
+        lines += [selection_line(report), ""]
     budget = f" of a budget of {report['budget']}" if report.get("budget") else ""
     lines += ["## Search", "",
               f"{report['evaluations']} candidate merges evaluated{budget} ({report['failed']} failed); "

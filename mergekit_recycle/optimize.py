@@ -1,4 +1,4 @@
-"""The run: a recipe's plan (baselines, then CMA-ES, then the holdout report) applied to a run folder.
+"""The run: a recipe's plan (baselines, CMA-ES, the winner's selection, the holdout report) applied to a run folder.
 
 `optimize` is what `mergekit-recycle optimize` calls. Everything a run learns goes to its
 journal before it is used, so a run stopped at any point (Ctrl-C, SIGKILL, the time
@@ -10,7 +10,7 @@ RUN_DIR holds:
   proposals/NNNNNN.yaml  each proposal as a mergekit YAML, written before it is evaluated
   recipe.yaml            the recipe as the latest session read it
   search.json            CMA-ES's state after the latest generation (a check on the replay)
-  winner.yaml            the best merge on the search tasks, as a mergekit YAML
+  winner.yaml            the winner the selection chose (see selection.py), as a mergekit YAML
   report.json, report.md, *.png   the report (see report.py)
   merged/                the winner merged to disk by mergekit, with mergekit_config.yml
 """
@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from mergekit_recycle import constants
 from mergekit_recycle.baselines import baseline_merges
@@ -42,6 +42,8 @@ from mergekit_recycle.pool import Pool, resolve_pool
 from mergekit_recycle.proposal import Merge, SearchSpace
 from mergekit_recycle.recipe import Recipe
 from mergekit_recycle.search import CMAES
+from mergekit_recycle.selection import Contender, Decision, choose
+from mergekit_recycle.simplex import normalise
 
 if TYPE_CHECKING:
     from mergekit_recycle.hub_state import HubState
@@ -52,6 +54,8 @@ SAMPLE_BYTES = 2**20
 RECIPE_COPY = "recipe.yaml"
 # CMA-ES's state after the latest generation: what a replay of the journal must reach again.
 SEARCH_STATE = "search.json"
+# The kinds of the selection's finalists (the others are baselines).
+FINALIST_KINDS = ("proposal", "greedy-step", "mean")
 # Writing the winner to disk reads its checkpoints and writes one; assume at least this rate.
 DISK_BYTES_PER_SECOND = 200 * 2**20
 
@@ -110,6 +114,9 @@ def fingerprint(recipe: Recipe, pool: Pool, absolute_paths: bool = False) -> Dic
                  for c in pool.inputs] + [pool.base.name if pool.base else None],
         "tasks": [task.model_dump(mode="json") for task in recipe.tasks] + [[where(p) for p in recipe.task_paths]],
         "search": recipe.search.model_dump(mode="json", exclude={"budget"}),
+        # Only the holdback changes what the search sees; finalists and confidence only choose among what was
+        # scored, so a finished run can be decided again with other settings without searching again.
+        "selection": {"holdback": recipe.selection.holdback},
         "merge": recipe.merge.dtype,
     }
     return {name: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
@@ -170,6 +177,8 @@ class Run:
         self.space = SearchSpace(pool.names, scale=search.scale if not search.scale_is_searched else 1.0,
                                  scale_range=search.scale if search.scale_is_searched else None)
         self.proposals_dir = options.run_dir / "proposals"
+        self.cma: Optional[CMAES] = None
+        self.baseline_kinds: Dict[str, str] = {}  # name -> kind, once the baselines are scored
 
     # -- evaluating, with the journal as cache ------------------------------------------------
 
@@ -198,6 +207,10 @@ class Run:
         # Leave room to score the winner on the holdout tasks and to write it to disk.
         writing = self.pool.layout.nbytes * (len(self.pool.inputs) + 1) / DISK_BYTES_PER_SECOND
         reserve = self._estimate("holdout") + writing + max(5.0, 0.02 * self.options.time_budget)
+        selection = self.recipe.selection
+        if selection.enabled:  # every baseline and every finalist is scored on the held-back documents
+            each = self._estimate("selection") or self._estimate("search") * selection.holdback / (1 - selection.holdback)
+            reserve += each * (len(self.pool.names) + 2 + selection.finalists + 1)
         if time.monotonic() - self.started + self._estimate(split) + reserve > self.options.time_budget:
             raise OutOfTime
 
@@ -217,6 +230,8 @@ class Run:
         if earlier is not None:
             record.update(status="ok", scores=earlier["scores"], objective=earlier["objective"], error=None,
                           merge_seconds=0.0, eval_seconds=0.0, reused=earlier["name"], time=now())
+            if "documents" in earlier:
+                record["documents"] = earlier["documents"]
             return self._append(record)
         if timed:
             self._check_time(split)
@@ -240,8 +255,12 @@ class Run:
         if not all(math.isfinite(value) for value in values):
             return {"status": "failed", "scores": None, "objective": None, "error": f"scored NaN: {evaluation.scores}",
                     "merge_seconds": round(evaluation.merge_seconds, 4), "eval_seconds": round(evaluation.eval_seconds, 4)}
-        return {"status": "ok", "scores": evaluation.scores, "objective": evaluation.objective, "error": None,
-                "merge_seconds": round(evaluation.merge_seconds, 4), "eval_seconds": round(evaluation.eval_seconds, 4)}
+        record = {"status": "ok", "scores": evaluation.scores, "objective": evaluation.objective, "error": None,
+                  "merge_seconds": round(evaluation.merge_seconds, 4), "eval_seconds": round(evaluation.eval_seconds, 4)}
+        if evaluation.documents is not None:  # compact: 0/1 accuracies as integers
+            record["documents"] = {task: [int(v) if v.is_integer() else round(v, 6) for v in values]
+                                   for task, values in evaluation.documents.items()}
+        return record
 
     def _count_failure(self, record: Record) -> None:
         if record["status"] == "ok":
@@ -269,6 +288,7 @@ class Run:
         for name, (kind, merge) in merges.items():
             self.evaluate(merge, "holdout", kind, name)
         self.save()
+        self.baseline_kinds = {name: kind for name, (kind, merge) in merges.items()}
         return {name: merge for name, (kind, merge) in merges.items()}
 
     def search(self, baselines: Dict[str, Merge]) -> None:
@@ -276,13 +296,16 @@ class Run:
         start = self._search_start(baselines)
         cma = CMAES(start["x0"], self.recipe.search.sigma0, seed=self.options.seed,
                     population=self.recipe.search.population, inject=start["inject"])
+        self.cma = cma  # where the search stands: its mean is a finalist of the selection
         failed_fitness = start["failed_fitness"]
         recorded = {record["id"]: record for record in self.journal.of_type("evaluation") if record["kind"] == "proposal"}
         evaluations = self._evaluations()
         bar = self._progress_bar(evaluations)
         next_id = 0
         try:
-            while evaluations < self.options.budget:
+            # Every journaled generation is replayed, even with no budget left: the selection starts from
+            # the state the search ended in (its mean is a finalist), whichever session asks.
+            while evaluations < self.options.budget or next_id in recorded:
                 points, fitnesses = cma.ask(), []
                 for point in points:
                     proposal_id, next_id = next_id, next_id + 1
@@ -380,17 +403,86 @@ class Run:
                     mininterval=0.1 if interactive else 30.0,
                     bar_format="{desc}: {n}/{total} evaluations |{bar}| [{elapsed}<{remaining}{postfix}]")
 
-    def finish(self) -> Optional[Merge]:
-        """Score the winner on the holdout tasks and write it as a mergekit YAML; None if nothing scored."""
+    def select(self, baselines: Dict[str, Merge]) -> Optional[Record]:
+        """Choose the winner (see selection.py) and journal the decision; None when nothing was scored."""
         from mergekit_recycle.report import winner_record
 
-        winner = winner_record(self.journal.records)
-        if winner is None:
+        settings = self.recipe.selection
+        if not settings.enabled or not baselines:
+            best = winner_record(self.journal.records)
+            if best is None:
+                return None
+            why = ("the time budget ran out during the baselines: the best merge on the search tasks wins" if settings.enabled
+                   else "holdback 0: the best merge on the search tasks wins, with no held-back check")
+            decision = Decision(best["name"], best["kind"], best["name"], None, None, None, None, why)
+            return self._decided(decision, Merge(weights=best["weights"], scale=best["scale"]))
+        contenders = self._contenders(baselines)
+        if not contenders:
             return None
-        merge = Merge(weights=winner["weights"], scale=winner["scale"])
-        self.evaluate(merge, "holdout", "optimized", winner["name"], timed=False)  # the time reserved for it
+        finalists = [c for c, _ in contenders.values() if c.kind in FINALIST_KINDS]
+        decision = choose([c for c, _ in contenders.values() if c.kind not in FINALIST_KINDS], finalists,
+                          self._shares(), settings.holdback, settings.confidence)
+        self.say(f"selection: {decision.reason}")
+        return self._decided(decision, contenders[decision.winner][1], finalists=[c.name for c in finalists])
+
+    def _finalists(self, baselines: Dict[str, Merge]) -> Dict[str, tuple]:
+        """name -> (kind, merge): the best distinct merges by search objective (proposals, and the greedy soup's
+        intermediate soups, so that the merge the search alone would pick is always among them), and the CMA-ES mean."""
+        scored = [r for r in self.journal.of_type("evaluation") if r["kind"] in ("proposal", "greedy-step")
+                  and r["split"] == "search" and r["status"] == "ok"]
+        order = sorted(range(len(scored)), key=lambda i: (-scored[i]["objective"], i))  # of equals, the earliest
+        seen = {merge.key for merge in baselines.values()}  # a baseline is a contender already
+        finalists: Dict[str, tuple] = {}
+        for record in (scored[i] for i in order):
+            if len(finalists) == self.recipe.selection.finalists:
+                break
+            if tuple(record["key"]) not in seen:
+                seen.add(tuple(record["key"]))
+                finalists[record["name"]] = (record["kind"], Merge(weights=record["weights"], scale=record["scale"]))
+        if self.cma is not None:
+            mean = self.space.merge(self.cma.mean)
+            if mean.key not in seen:
+                # Named by the evaluations it follows: a run continued with a larger budget has another mean.
+                name = f"CMA-ES mean @{self._evaluations()}"
+                self.evaluate(mean, "search", "mean", name, timed=False)  # for the report: it never chooses
+                finalists[name] = ("mean", mean)
+        return finalists
+
+    def _contenders(self, baselines: Dict[str, Merge]) -> Dict[str, tuple]:
+        """name -> (Contender, Merge): every baseline and every finalist, scored on the held-back documents."""
+        entries = [(name, self.baseline_kinds[name], merge) for name, merge in baselines.items()]
+        entries += [(name, kind, merge) for name, (kind, merge) in self._finalists(baselines).items()]
+        contenders: Dict[str, tuple] = {}
+        for name, kind, merge in entries:
+            searched = self._find(merge, "search")
+            record = self.evaluate(merge, "selection", "finalist" if kind in FINALIST_KINDS else kind, name, timed=False)
+            if record["status"] != "ok" or searched is None:
+                continue  # a merge that failed to score cannot win
+            contenders[name] = (Contender(name, kind, searched["objective"], record["objective"],
+                                          record.get("documents")), merge)
+        return contenders
+
+    def _shares(self) -> Dict[str, float]:
+        return dict(zip([task.name for task in self.recipe.tasks], normalise([task.weight for task in self.recipe.tasks])))
+
+    def _decided(self, decision: Decision, merge: Merge, finalists: Sequence[str] = ()) -> Record:
+        """Journal the decision: every session that finishes records the one its report shows."""
+        record = {"type": "selection", "time": now(), "evaluations": self._evaluations(), **decision.record(),
+                  "finalists": list(finalists), "holdback": self.recipe.selection.holdback,
+                  "confidence": self.recipe.selection.confidence,
+                  "weights": merge.weights, "scale": merge.scale, "key": list(merge.key)}
+        self.journal.append(record)
+        return record
+
+    def finish(self, baselines: Dict[str, Merge]) -> Optional[Merge]:
+        """Choose the winner, score it on the holdout tasks and write it as a mergekit YAML; None if nothing scored."""
+        selected = self.select(baselines)
+        if selected is None:
+            return None
+        merge = Merge(weights=selected["weights"], scale=selected["scale"])
+        self.evaluate(merge, "holdout", "optimized", selected["winner"], timed=False)  # the time reserved for it
         write_merge_config(self.options.run_dir / "winner.yaml", merge, self.pool, self.recipe.merge.dtype,
-                           f"the winner of {self.recipe.name}: {winner['name']}, search objective {winner['objective']:.4f}")
+                           f"the winner of {self.recipe.name}: {selected['winner']} ({selected['reason']})")
         return merge
 
 
@@ -422,7 +514,13 @@ def open_journal(recipe: Recipe, pool: Pool, options: RunOptions) -> Journal:
     if runs:
         prints = fingerprint(recipe, pool, absolute_paths=runs[0].get("version") == 1)
         earlier = runs[0].get("fingerprint") or {}
-        changed = [part for part in prints if prints[part] != earlier.get(part)]
+        # Runs from before winner selection chose by the search objective alone: `holdback: 0` continues them.
+        legacy = "selection" not in earlier and not recipe.selection.enabled
+        changed = [part for part in prints if prints[part] != earlier.get(part) and not (part == "selection" and legacy)]
+        if changed == ["selection"] and "selection" not in earlier:
+            raise RunDirError(options.run_dir, "holds a run from before winner selection, which searched every "
+                              "document of the search tasks; continue it with `selection: {holdback: 0}` in the recipe, "
+                              "or rerun with --restart to start over with part of them held back")
         if changed:
             raise RunDirError(options.run_dir, f"holds a run of a different recipe ({', '.join(changed)} changed); "
                               "rerun with --restart to set it aside and start over, or choose another --run-dir")
@@ -514,8 +612,10 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
                  else (lambda final=False: None))
         run = Run(recipe, source, pool, options, journal, candidate_evaluator, say, progress, saved)
         stopped_early = False
+        baselines: Dict[str, Merge] = {}
         try:
-            run.search(run.baselines())
+            baselines = run.baselines()
+            run.search(baselines)
         except OutOfTime:
             stopped_early = True
             say("time budget reached: stopping the search, writing the report for what was evaluated")
@@ -524,7 +624,7 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
             with contextlib.suppress(HubStateError):  # the run folder keeps it; the abort is the news
                 run.save(final=True)
             raise
-        winner = run.finish()
+        winner = run.finish(baselines)
         journal.append({"type": "finish", "time": now(), "stopped_early": stopped_early})
         report = build_report(journal.records)
         write_report(options.run_dir, report, journal.records)

@@ -229,6 +229,27 @@ class SearchSettings(Frozen):
         return isinstance(self.scale, tuple)
 
 
+class SelectionSettings(Frozen):
+    """How the winner is chosen once the search is over (see selection.py).
+
+    `holdback` is the share of each search task's documents that CMA-ES never sees; the best
+    `finalists` proposals and the CMA-ES mean are scored on them with every baseline, and a
+    finalist replaces the best baseline only when its paired-bootstrap margin on them stays above 0
+    at `confidence`, one-sided, corrected for the number of finalists compared. `holdback: 0`
+    keeps the plain rule: the best merge on the search tasks wins.
+    """
+
+    holdback: Annotated[StrictFloat, Field(ge=0, le=0.9)] = 0.3
+    finalists: Annotated[StrictInt, Field(ge=1, le=64)] = 4
+    # 0: the lower bound at 1/finalists, which roughly takes back what picking the best of the finalists
+    # adds (see selection.py); higher values demand a clearer win before a baseline is replaced.
+    confidence: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.holdback > 0
+
+
 class MergeSettings(Frozen):
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
     device: Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
@@ -251,6 +272,7 @@ class Recipe(Frozen):
     tasks: Tuple[TaskSpec, ...] = Field(min_length=1)
     task_paths: Tuple[Path, ...] = ()
     search: SearchSettings = SearchSettings()
+    selection: SelectionSettings = SelectionSettings()
     merge: MergeSettings = MergeSettings()
     output: OutputSettings = Field(default_factory=OutputSettings, validate_default=True)
 
@@ -337,6 +359,15 @@ def describe_recipe(recipe: Recipe, source: Optional[Path] = None) -> str:
         f"search   CMA-ES: budget={search.budget} evaluations, population={population}, "
         f"sigma0={search.sigma0:g}, seed={search.seed}, scale={scale}"
     )
+    selection = recipe.selection
+    if selection.enabled:
+        lines.append(
+            f"select   {selection.holdback:.0%} of each search task's documents held back from CMA-ES; the best "
+            f"{selection.finalists} proposals and the CMA-ES mean are scored on them with every baseline, and replace "
+            f"the best baseline only on a paired-bootstrap win (confidence {selection.confidence:g}, corrected)"
+        )
+    else:
+        lines.append("select   holdback 0: the best merge on the search tasks wins (no held-back check)")
     lines.append(f"merge    recycle_linear, dtype={recipe.merge.dtype}, device={recipe.merge.device}"
                  + (", trust_remote_code=true" if recipe.merge.trust_remote_code else ""))
     output = recipe.output

@@ -5,17 +5,22 @@ a run that is still going (the winner so far, without a holdout score until the 
 """
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from mergekit_recycle.config_files import write_atomically
 from mergekit_recycle.errors import RunDirError
 from mergekit_recycle.journal import JOURNAL, Journal
+from mergekit_recycle.selection import Interval
+from mergekit_recycle.simplex import normalise
 
 Record = Dict[str, Any]
 BASELINE_KINDS = ("checkpoint", "uniform", "greedy")
 # A weight counts as "used" above this share (the paper's measure of how many checkpoints a merge keeps).
 USED_WEIGHT = 0.01
+# What the winner is compared with on the holdout tasks.
+MARGIN_LABELS = ("best checkpoint", "uniform soup", "greedy soup")
 
 
 def _evaluations(records: List[Record], split: Optional[str] = None, ok: bool = True) -> List[Record]:
@@ -24,7 +29,8 @@ def _evaluations(records: List[Record], split: Optional[str] = None, ok: bool = 
 
 
 def winner_record(records: List[Record]) -> Optional[Record]:
-    """The best evaluated merge on the search objective (the earliest of equals), baselines included."""
+    """The best evaluated merge on the search objective (the earliest of equals), baselines included:
+    the winner of a run that chooses by the search alone, and the best so far of a running search."""
     best = None
     for record in _evaluations(records, "search"):
         if best is None or record["objective"] > best["objective"]:
@@ -38,8 +44,16 @@ def _scores(record: Optional[Record]) -> Optional[Dict[str, float]]:
     return {**record["scores"], "objective": record["objective"]}
 
 
-def _holdout_of(records: List[Record], key: List[float]) -> Optional[Record]:
-    return next((r for r in _evaluations(records, "holdout") if r["key"] == key), None)
+def _scored(records: List[Record], split: str, key: List[float]) -> Optional[Record]:
+    """The latest record that scored the merge `key` on `split`."""
+    return next((r for r in reversed(_evaluations(records, split)) if r["key"] == key), None)
+
+
+def current_selection(records: List[Record]) -> Optional[Record]:
+    """The decision of the latest session, once it was made (a running search has none yet)."""
+    sessions = [i for i, r in enumerate(records) if r.get("type") == "session"]
+    since = sessions[-1] if sessions else 0
+    return next((r for r in reversed(records[since:]) if r.get("type") == "selection"), None)
 
 
 def pareto_front(records: List[Record], tasks: List[str]) -> List[Record]:
@@ -79,9 +93,14 @@ def build_report(records: List[Record]) -> Dict[str, Any]:
     holdouts = _latest(records, "holdout")
     rows = [_row(record, kind, name, holdouts.get((kind, name)))
             for (kind, name), record in _latest(records, "search").items()]
-    winner = winner_record(records)
+    selection = current_selection(records)
+    winner = _scored(records, "search", selection["key"]) if selection else winner_record(records)
     if winner is not None:
-        rows.append(_row(winner, "optimized", "optimized", _holdout_of(records, winner["key"])))
+        rows.append(_row(winner, "optimized", "optimized", _scored(records, "holdout", winner["key"])))
+    for row in rows:
+        selected = _scored(records, "selection", _key(row))
+        if selected is not None:
+            row["selection"] = _scores(selected)
     proposals = [r for r in _evaluations(records, "search", ok=False) if r["kind"] == "proposal"]
     evaluated = [r for r in proposals if r["reused"] is None]
     position = {id(record): index for index, record in enumerate(records)}
@@ -104,30 +123,95 @@ def build_report(records: List[Record]) -> Dict[str, Any]:
                    for r in pareto_front(records, tasks)],
     }
     if winner is not None:
-        report["winner"] = {"from": winner["name"], "weights": winner["weights"], "scale": winner["scale"],
+        report["winner"] = {"from": selection["winner"] if selection else winner["name"],
+                            "kind": selection["kind"] if selection else winner["kind"],
+                            "weights": winner["weights"], "scale": winner["scale"],
                             "weights_above_1pct": sum(1 for w in winner["weights"].values() if w > USED_WEIGHT)}
-        report["margins"] = margins(rows)
+        if selection:
+            report["selection"] = {key: selection[key] for key in (
+                "winner", "kind", "reference", "challenger", "margin", "lower", "level", "reason", "finalists",
+                "holdback", "confidence", "evaluations")}
+        shares = dict(zip(tasks, normalise([task["weight"] for task in run["tasks"]])))
+        report["comparison"] = compare(records, rows, shares)
+        report["margins"] = {label: entry["margin"] if entry else None for label, entry in report["comparison"]["margins"].items()}
     return report
+
+
+def _key(row: Dict[str, Any]) -> List[float]:
+    """The journal's key of a row's merge."""
+    from mergekit_recycle.proposal import Merge
+
+    return list(Merge(weights=row["weights"], scale=row["scale"]).key)
+
+
+def compare(records: List[Record], rows: List[Dict[str, Any]], shares: Dict[str, float]) -> Dict[str, Any]:
+    """The winner against every checkpoint and both soups on the holdout tasks, with paired 95% intervals.
+
+    The checkpoint to beat is the one best on holdout, not the one best on the search tasks: two
+    checkpoints that tie on the search can differ on held-out data, and a user who already has
+    the better one must not be told that the merge beats it when it does not.
+    """
+    from mergekit_recycle.selection import interval
+
+    optimized = next((row for row in rows if row["kind"] == "optimized"), None)
+    documents = _documents(records, optimized) if optimized else None
+    singles = [row for row in rows if row["kind"] == "checkpoint" and row["holdout"]]
+    comparison: Dict[str, Any] = {"checkpoints": sum(1 for row in rows if row["kind"] == "checkpoint"),
+                                  "scored_on_holdout": len(singles), "beaten": None, "beaten_significantly": None,
+                                  "best_checkpoint": None, "margins": {label: None for label in MARGIN_LABELS}}
+    if not optimized or not optimized["holdout"]:
+        return comparison
+    mine = optimized["holdout"]["objective"]
+
+    def against(row: Dict[str, Any]) -> Interval:
+        return interval(documents or {}, _documents(records, row) or {}, shares, mine - row["holdout"]["objective"])
+
+    def entry(row: Dict[str, Any], result: Interval) -> Dict[str, Any]:
+        same = _key(row) == _key(optimized)  # the selection kept this very baseline
+        return {"name": row["name"], **asdict(result), "verdict": "same model" if same else result.verdict}
+
+    versus = {row["name"]: against(row) for row in singles}
+    comparison["beaten"] = sum(1 for row in singles if mine > row["holdout"]["objective"])
+    comparison["beaten_significantly"] = (sum(1 for result in versus.values() if result.verdict == "better")
+                                          if all(result.low is not None for result in versus.values()) else None)
+    if singles:
+        # The best on holdout; of equals, the one best on the search tasks (the one a user would have kept).
+        best = max(singles, key=lambda row: (row["holdout"]["objective"], row["search"]["objective"] if row["search"] else 0))
+        comparison["best_checkpoint"] = best["name"]
+        comparison["margins"]["best checkpoint"] = entry(best, versus[best["name"]])
+    for label, kind in (("uniform soup", "uniform"), ("greedy soup", "greedy")):
+        row = next((r for r in rows if r["kind"] == kind and r["holdout"]), None)
+        if row is not None:
+            comparison["margins"][label] = entry(row, against(row))
+    return comparison
+
+
+def _documents(records: List[Record], row: Dict[str, Any]) -> Optional[Dict[str, List[float]]]:
+    """The per-document holdout metrics of a row's merge (journals from before they were kept have none)."""
+    record = _scored(records, "holdout", _key(row))
+    return record.get("documents") if record else None
+
+
+def claim(label: str, entry: Optional[Dict[str, Any]]) -> str:
+    """One margin in words that never claim more than its interval supports."""
+    if entry is None:
+        return f"{label}: not scored"
+    who = f"{entry['name']}, the best checkpoint on holdout" if label == "best checkpoint" else label
+    points = f"{entry['margin'] * 100:+.2f} points"
+    if entry.get("low") is None:
+        return f"{'ahead of' if entry['margin'] > 0 else 'not ahead of'} {who} by {points} (no interval: no per-document scores)"
+    if entry.get("verdict") == "same model":
+        return f"{who} itself"
+    span = f"{points}, 95% CI [{entry['low'] * 100:+.2f}, {entry['high'] * 100:+.2f}]"
+    verdict = {"better": "better than", "worse": "worse than", "no different": "no better than"}[
+        Interval(entry["margin"], entry["low"], entry["high"]).verdict]
+    return f"{verdict} {who}: {span}"
 
 
 def _row(record: Record, kind: str, name: str, holdout: Optional[Record]) -> Dict[str, Any]:
     return {"name": name, "kind": kind, "weights": record["weights"], "scale": record["scale"],
             "search": _scores(record), "holdout": _scores(holdout),
             **({"error": record["error"]} if record["status"] != "ok" else {})}
-
-
-def margins(rows: List[Dict[str, Any]]) -> Dict[str, Optional[float]]:
-    """Holdout objective of the optimized merge minus that of each baseline (the best single chosen on search)."""
-    by_kind = {row["kind"]: row for row in rows if row["kind"] != "checkpoint"}
-    singles = [row for row in rows if row["kind"] == "checkpoint" and row["search"]]
-    reference = {"best single": max(singles, key=lambda r: r["search"]["objective"]) if singles else None,
-                 "uniform soup": by_kind.get("uniform"), "greedy soup": by_kind.get("greedy")}
-    optimized = by_kind.get("optimized")
-    result = {}
-    for label, row in reference.items():
-        ok = optimized and optimized["holdout"] and row and row["holdout"]
-        result[label] = optimized["holdout"]["objective"] - row["holdout"]["objective"] if ok else None
-    return result
 
 
 def _cell(scores: Optional[Dict[str, float]], key: str) -> str:
@@ -146,8 +230,27 @@ def table(report: Dict[str, Any], splits=("search", "holdout")) -> str:
 
 
 def margins_line(report: Dict[str, Any]) -> str:
-    return "Holdout margin of the optimized merge: " + ", ".join(
-        f"{label} {value:+.4f}" if value is not None else f"{label} —" for label, value in report["margins"].items())
+    """The honest comparison in a sentence: how many checkpoints the winner beats, and each margin with its interval."""
+    comparison = report.get("comparison")
+    if not comparison or comparison.get("beaten") is None:
+        return "Holdout: the winner has no holdout score yet."
+    significant = comparison.get("beaten_significantly")
+    beaten = (f"beats {comparison['beaten']} of the {comparison['scored_on_holdout']} checkpoints on the holdout tasks"
+              + (f" ({significant} by more than the 95% interval)" if significant is not None else ""))
+    parts = [claim(label, entry) for label, entry in comparison["margins"].items()]
+    return f"Holdout: the {_winner_words(report)} {beaten}; it is " + "; ".join(parts) + "."
+
+
+def _winner_words(report: Dict[str, Any]) -> str:
+    winner = report["winner"]
+    if winner.get("kind") in BASELINE_KINDS:
+        return f"winner ({winner['from']}, a baseline kept by the selection)"
+    return "optimized merge"
+
+
+def selection_line(report: Dict[str, Any]) -> Optional[str]:
+    selection = report.get("selection")
+    return f"Selection: {selection['reason']}." if selection else None
 
 
 def markdown(report: Dict[str, Any]) -> str:
@@ -160,6 +263,8 @@ def markdown(report: Dict[str, Any]) -> str:
     lines += ["", "## Search and holdout scores", "", table(report), ""]
     if "margins" in report:
         lines.append(margins_line(report))
+        if selection_line(report):
+            lines += ["", selection_line(report)]
         winner = report["winner"]
         lines += ["", "## The winner", "",
                   f"Found as {winner['from']}; {winner['weights_above_1pct']} of {len(winner['weights'])} weights "
@@ -190,6 +295,8 @@ def summary(report: Dict[str, Any], records: List[Record]) -> str:
     lines += ["", table(report, splits=("holdout",)), ""]
     if report.get("margins"):
         lines.append(margins_line(report))
+        if selection_line(report):
+            lines += ["", selection_line(report)]
     sessions = [i for i, r in enumerate(records) if r.get("type") == "session"]
     outcomes = [r for r in records[sessions[-1] if sessions else 0:] if r.get("type") in ("publish", "kept")]
     if outcomes:

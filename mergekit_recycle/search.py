@@ -72,6 +72,11 @@ class CMAES:
     def population_size(self) -> int:
         return self._es.popsize
 
+    @property
+    def mean(self) -> List[float]:
+        """The mean of the current search distribution: a recommendation less lucky than the best sample."""
+        return [float(v) for v in self._es.mean]
+
     def state(self) -> Dict[str, Any]:
         """Where the search stands, as JSON: what a resumed run's replay must reach again."""
         import cma

@@ -10,7 +10,21 @@ from pathlib import Path
 import pytest
 
 from conftest import lines, run_cli
-from mergekit_recycle.demo_pool import MANIFEST, PLANS, SKILLS, char_tokenizer, read_summary
+from mergekit_recycle.demo_pool import (
+    DESIGN_PLAN,
+    DESIGNS,
+    MANIFEST,
+    PLANS,
+    SIZES,
+    SKILLS,
+    PoolPlan,
+    char_tokenizer,
+    evaluation_examples,
+    plan_for,
+    plan_recipe,
+    read_summary,
+    write_tasks,
+)
 from mergekit_recycle.demo_pool.training import TrainingRun, training_batches
 from mergekit_recycle.recipe import load_recipe
 
@@ -145,11 +159,13 @@ def test_a_folder_holding_another_pool_is_refused_untouched(small_pool):
     directory, _ = small_pool
     before = tree(directory)
     for args, found in [(["--seed", "1", "--size", "small"], "--seed 0 --size small"),
-                        (["--seed", "0"], "--seed 0 --size small")]:
+                        (["--seed", "0"], "--seed 0 --size small"),
+                        (["--size", "small", "--design", "experts"], "--seed 0 --size small")]:
         result = run_cli("demo-pool", str(directory), *args)
         assert result.returncode == 2
         assert len(lines(result.stderr)) == 1, result.stderr
         assert result.stderr.startswith(f"{directory}: already holds a demo pool built with {found}; "), result.stderr
+    assert result.stderr.rstrip().endswith("to build --design experts --seed 0 --size small"), result.stderr
     assert tree(directory) == before
 
 
@@ -249,3 +265,91 @@ def test_an_incomplete_pool_is_not_taken_for_a_built_one(tmp_path):
     (tmp_path / "pool" / "post-2" / "model.safetensors").unlink()
     with pytest.raises(FileExistsError, match="incomplete demo pool .post-2/model.safetensors is missing"):
         build_pool(tmp_path / "pool", seed=0, size=TINY)
+
+
+# --- the designs ------------------------------------------------------------------------------
+
+def test_the_forgetting_plans_keep_their_fingerprints():
+    """Pools built before designs existed are still recognised (their fingerprint is in demo-pool.json)."""
+    assert PLANS == DESIGN_PLAN["forgetting"]
+    assert {size: plan.fingerprint() for size, plan in PLANS.items()} == {"default": "5c6c841407635cc6", "small": "7a4de3d401c33c7c"}
+    prints = [plan_for(design, size).fingerprint() for design in DESIGNS for size in SIZES]
+    assert len(set(prints)) == len(prints)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("design", DESIGNS)
+def test_every_design_plans_a_valid_recipe(tmp_path, design, size):
+    plan = plan_for(design, size)
+    assert plan.design == design and plan.size == size and plan.pretraining.name == "base"
+    assert "base" not in plan.pool() and len(plan.pool()) >= 3
+    assert (plan.dev_size, plan.test_size) == ((300, 1000) if size == "default" else (100, 300))
+    for name in plan.pool():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    (tmp_path / "recipe.yaml").write_text(plan_recipe(plan))
+    write_tasks(tmp_path / "tasks", evaluation_examples(seed=0, dev_size=5, test_size=5))
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    assert [entry.path for entry in recipe.pool] == [tmp_path.resolve() / name for name in plan.pool()]
+    assert [task.name for task in recipe.tasks] == list(SKILLS) and recipe.base is None and recipe.search.budget == 200
+
+
+def test_a_plan_is_checked_when_made():
+    run = SMALL.post_training[0]
+    bad = [
+        {"post_training": (run.model_copy(update={"start": "post-9"}),)},  # starts from no checkpoint
+        {"post_training": (run, run)},  # two runs save the same checkpoint
+        {"architecture": "gpt2"},
+        {"pretraining": SMALL.pretraining.model_copy(update={"start": "base"})},
+    ]
+    for update in bad:
+        with pytest.raises(ValueError):
+            PoolPlan.model_validate(SMALL.model_copy(update=update).model_dump())
+    with pytest.raises(ValueError, match="saves"):
+        TrainingRun(name="x", mix={"add": 1}, steps=10, learning_rate=1e-3, batch_size=4, schedule="constant", saves=(5,))
+    with pytest.raises(ValueError):
+        plan_for("nope", "small")
+
+
+def _tiny(design: str, **runs) -> PoolPlan:
+    """`design`'s small plan with runs of a few steps and a handful of questions."""
+    plan = plan_for(design, "small").model_dump()
+    plan.update(size="tiny", dev_size=8, test_size=8)
+    plan["pretraining"]["steps"] = 4
+    for run in plan["post_training"]:
+        run.update(runs.get(run["name"], {"steps": 2}))
+    return PoolPlan.model_validate(plan)
+
+
+def test_a_run_saved_at_several_steps_and_runs_started_from_them(tmp_path):
+    """The trajectory design: a checkpoint saved mid-run is the run stopped there, bit for bit."""
+    from safetensors.torch import load_file
+
+    from mergekit_recycle.demo_pool import build_pool
+
+    plan = _tiny("trajectory", step={"steps": 6, "saves": (3, 6)}, **{"anneal-300": {"steps": 2, "start": "step-3"}})
+    assert plan.pool() == ("step-3", "step-6", "anneal-300")
+    summary = build_pool(tmp_path / "pool", seed=0, size=plan)
+    assert summary.design == "trajectory" and list(summary.checkpoints) == ["base", "step-3", "step-6", "anneal-300"]
+    assert summary.checkpoints["step-3"].startswith("step 3 of run step (")
+    assert json.loads((tmp_path / "pool" / MANIFEST).read_text())["design"] == "trajectory"
+    assert [entry.path.name for entry in load_recipe(tmp_path / "pool" / "recipe.yaml").pool] == list(plan.pool())
+    stopped = plan.model_copy(update={"post_training": (plan.post_training[0].model_copy(update={"steps": 3, "saves": ()}),)})
+    build_pool(tmp_path / "stopped", seed=0, size=stopped)
+    assert (tmp_path / "stopped" / "step" / "model.safetensors").read_bytes() == (tmp_path / "pool" / "step-3" / "model.safetensors").read_bytes()
+    weights = {name: load_file(tmp_path / "pool" / name / "model.safetensors") for name in plan.pool()}
+    assert all(not weights["step-3"][key].equal(weights["step-6"][key]) for key in weights["step-3"] if key.endswith("proj.weight"))
+
+
+def test_a_qwen2_pool_has_tied_embeddings(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_recycle.demo_pool import build_pool
+
+    summary = build_pool(tmp_path / "pool", seed=0, size=_tiny("qwen2"))
+    assert summary.design == "qwen2" and set(summary.scores) == {"base"} | {run.name for run in SMALL.post_training}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "pool" / "post-1")
+    assert model.config.model_type == "qwen2" and model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert "lm_head.weight" not in load_file(tmp_path / "pool" / "post-1" / "model.safetensors")

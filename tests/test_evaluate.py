@@ -87,3 +87,26 @@ def test_log_likelihoods_equal_hflm_with_a_padded_vocabulary_empty_contexts_and_
     theirs = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=64).loglikelihood(instances)
     assert [greedy for _, greedy in ours] == [greedy for _, greedy in theirs]
     assert [value for value, _ in ours] == pytest.approx([value for value, _ in theirs], abs=1e-4)
+
+
+def test_a_holdback_splits_each_task_in_two_disjoint_seeded_parts(small_pool, model_and_tokenizer):
+    directory, _ = small_pool
+    model, tokenizer = model_and_tokenizer
+
+    def part(name, seed=1, limits=None, holdback=0.3):
+        return Scorer(model, tokenizer, TASKS, [directory / "tasks"], limits=limits, seed=seed, holdback=holdback,
+                      part=name).samples
+
+    search, selection = part("search"), part("selection")
+    for task in TASKS:  # 100 dev documents each: 30 held back, 70 searched, none in both
+        assert len(selection[task]) == 30 and len(search[task]) == 70
+        assert sorted(selection[task] + search[task]) == list(range(100))
+    assert selection == part("selection") and selection != part("selection", seed=2)
+    # A limit draws from the searched part only; without a holdback the subsets are the earlier versions'.
+    limited = part("search", limits={"toy_sort_dev": 20})
+    assert len(limited["toy_sort_dev"]) == 20 and set(limited["toy_sort_dev"]) <= set(search["toy_sort_dev"])
+    assert part("search", limits={"toy_sort_dev": 30}, holdback=0.0) == \
+        Scorer(model, tokenizer, TASKS, [directory / "tasks"], limits={"toy_sort_dev": 30}, seed=1).samples
+    scores = Scorer(model, tokenizer, TASKS, [directory / "tasks"], seed=1, holdback=0.3,
+                    part="selection").score(log_samples=True)
+    assert [len(scores.samples[task]["acc"]) for task in TASKS] == [30, 30, 30]

@@ -76,11 +76,25 @@ def test_report_has_the_promised_shape_and_the_winner_beats_every_baseline_on_se
             assert row[split]["objective"] == pytest.approx(sum(row[split][t] for t in report["tasks"]) / 3)
     optimized = report["rows"][-1]
     baselines = report["rows"][:-1]
-    assert all(optimized["search"]["objective"] >= row["search"]["objective"] for row in baselines)
-    uniform = next(row for row in baselines if row["kind"] == "uniform")
-    assert optimized["search"]["objective"] > uniform["search"]["objective"]
-    # The CLI ends with the holdout table and the margins.
-    assert "| optimized | optimized |" in result.stdout and "holdout margin over best single" in result.stdout
+    # The winner is the selection's choice, scored on the held-back documents with every baseline.
+    selection = report["selection"]
+    assert selection["winner"] == report["winner"]["from"] and selection["holdback"] == 0.3
+    assert selection["reason"] and selection["reference"] in {row["name"] for row in baselines}
+    assert all(row["selection"]["objective"] is not None for row in report["rows"])
+    best_dev = max(baselines, key=lambda r: 0.7 * r["search"]["objective"] + 0.3 * r["selection"]["objective"])
+    assert selection["reference"] == best_dev["name"]
+    if selection["winner"] != selection["reference"]:
+        assert selection["lower"] > 0 and optimized["selection"]["objective"] > best_dev["selection"]["objective"]
+    # The report compares with the checkpoint best on holdout, and counts the checkpoints the winner beats.
+    singles = [row for row in baselines if row["kind"] == "checkpoint"]
+    comparison = report["comparison"]
+    assert comparison["best_checkpoint"] == max(singles, key=lambda r: r["holdout"]["objective"])["name"]
+    assert comparison["beaten"] == sum(optimized["holdout"]["objective"] > r["holdout"]["objective"] for r in singles)
+    for entry in comparison["margins"].values():
+        assert entry["low"] <= entry["margin"] <= entry["high"]
+    # The CLI ends with the holdout table, the comparison and the selection's reason.
+    assert "| optimized | optimized |" in result.stdout
+    assert f"the best checkpoint on holdout: " in result.stdout and "Selection: " in result.stdout
     assert result.stderr == ""  # --quiet
 
 
@@ -186,8 +200,11 @@ def test_a_killed_run_resumes_to_the_same_result(reference, recipe_file, tmp_pat
     mine = json.loads((run_dir / "report.json").read_text())["rows"][-1]
     theirs = json.loads((reference[0] / "report.json").read_text())["rows"][-1]
     assert mine == theirs
+    # The same finalists, the same decision, for the same reason.
+    assert json.loads((run_dir / "report.json").read_text())["selection"] == \
+        json.loads((reference[0] / "report.json").read_text())["selection"]
     baselines = [r for r in Journal(run_dir / "journal.jsonl").of_type("evaluation") if r["kind"] == "checkpoint"]
-    assert len(baselines) == 2 * 6  # each checkpoint scored once on each split, never again after the kill
+    assert len(baselines) == 3 * 6  # each checkpoint scored once on each split, never again after the kill
 
 
 def test_rerunning_a_finished_run_evaluates_nothing_and_a_larger_budget_continues(reference, recipe_file, tmp_path):
@@ -243,7 +260,7 @@ def test_a_torn_last_journal_line_is_cut_off(reference, recipe_file, tmp_path):
     after = journal.read_bytes()
     assert after.startswith(intact)  # the torn line is gone; what follows is this session's lines
     added = [json.loads(line) for line in after[len(intact):].splitlines()]
-    assert [record["type"] for record in added] == ["session", "finish"]
+    assert [record["type"] for record in added] == ["session", "selection", "finish"]
 
 
 def test_a_changed_recipe_is_refused_unless_restarted(reference, recipe_file, tmp_path):
@@ -562,3 +579,23 @@ def test_pickle_weights_are_refused_unless_the_entry_allows_them(small_pool, tmp
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert list(report["checkpoints"]) == ["post-1", "post-2-pickled"] and report["evaluations"] == 2
     assert (tmp_path / "run" / "merged" / "model.safetensors").is_file()
+
+
+def test_a_run_from_before_winner_selection_continues_only_with_holdback_0(reference, recipe_file, tmp_path):
+    run_dir = copy_run(reference[0], tmp_path)
+    # A journal of the version before selection: no `selection` in its fingerprint.
+    rewrite(run_dir / "journal.jsonl", lambda record: {**record, "fingerprint": {
+        k: v for k, v in record["fingerprint"].items() if k != "selection"}} if record["type"] == "run" else record)
+    refused = optimize_cli(recipe_file, run_dir, "--budget", str(BUDGET))
+    assert refused.returncode == 2 and len(lines(refused.stderr)) == 1
+    assert "from before winner selection" in refused.stderr and "holdback: 0" in refused.stderr
+    legacy = recipe_file.parent / "legacy.yaml"
+    legacy.write_text(recipe_file.read_text() + "selection: {holdback: 0.0}\n")
+    result = optimize_cli(legacy, run_dir, "--budget", str(BUDGET + 2))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((run_dir / "report.json").read_text())
+    # Without a holdback the best merge on the search tasks wins, as it always did.
+    best = max((r for r in Journal(run_dir / "journal.jsonl").of_type("evaluation") if r["split"] == "search"
+                and r["status"] == "ok"), key=lambda r: r["objective"])
+    assert report["selection"]["holdback"] == 0 and report["winner"]["weights"] == best["weights"]
+    assert "holdback 0" in report["selection"]["reason"]

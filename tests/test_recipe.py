@@ -59,6 +59,7 @@ def test_validate_prints_the_resolved_plan(pool):
     assert "add: search=toy_add_dev holdout=toy_add_test metric=acc,none weight=1 (50% of the objective)" in out
     assert "a seeded subset of 10" in out
     assert "budget=100 evaluations" in out and "sigma0=0.25" in out
+    assert "select   30% of each search task's documents held back from CMA-ES; the best 4 proposals" in out
     assert f"run_dir={root / 'runs' / 'toy-recycle'}" in out
 
 
@@ -128,6 +129,11 @@ BAD_RECIPES = {
     "bad repo id": (lambda r: r["pool"].append({"repo": "no-slash"}), "pool[3].repo: 'no-slash' is not a Hub repo id"),
     "scale range without base": (lambda r: r["search"].update(scale=[1.0, 1.5]), "search.scale: scale (1.0, 1.5) needs `base:`"),
     "scale range reversed": (lambda r: r["search"].update(scale=[1.5, 1.0]), "search.scale: a scale range needs lo < hi"),
+    "holdback of everything": (lambda r: r.update(selection={"holdback": 1.0}),
+                               "selection.holdback: input should be less than or equal to 0.9"),
+    "holdback as a string": (lambda r: r.update(selection={"holdback": "0.3"}), "selection.holdback: input should be a valid number"),
+    "no finalists": (lambda r: r.update(selection={"finalists": 0}), "selection.finalists: input should be greater than or equal to 1"),
+    "certainty": (lambda r: r.update(selection={"confidence": 1.0}), "selection.confidence: input should be less than 1"),
     "duplicate task names": (lambda r: r["tasks"][1].update(name="add"), "tasks[1].name: 'add' is used by tasks[0] too"),
     "bad dtype": (lambda r: r["merge"].update(dtype="int4"), "merge.dtype: input should be"),
     "infinite sigma0": (lambda r: r["search"].update(sigma0=float("inf")), "search.sigma0: input should be a finite number"),
@@ -208,7 +214,7 @@ def test_demo_pool_recipe_and_repo_recipe_agree(tmp_path):
     (tmp_path / "recipes").mkdir()
     shipped = load_recipe(write(tmp_path / "recipes", text, "pool.yaml"))
     assert shipped.pool == built.pool and shipped.tasks == built.tasks and shipped.task_paths == built.task_paths
-    assert shipped.search == built.search and shipped.merge == built.merge
+    assert shipped.search == built.search and shipped.merge == built.merge and shipped.selection == built.selection
     result = validate(tmp_path / "recipes" / "pool.yaml")
     assert result.exit_code == 0, result.stderr
 

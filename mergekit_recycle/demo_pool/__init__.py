@@ -1,28 +1,36 @@
-"""The demo pool: tiny Llama checkpoints that trade three synthetic skills off against
-each other, their lm-eval tasks and a ready recipe, built offline in minutes.
+"""The demo pool: tiny checkpoints that trade three synthetic skills off against each other,
+their lm-eval tasks and a ready recipe, built offline in minutes, in one of several designs
+(DESIGNS: forgetting, experts, trajectory, dominant, broken, qwen2).
 
-`mergekit-recycle demo-pool DIR` builds it; `build_pool` is the same from Python.
+`mergekit-recycle demo-pool DIR [--design NAME]` builds it; `build_pool(DIR, seed=0,
+size="default", design="experts")` is the same from Python.
 """
 
 from mergekit_recycle.demo_pool.build import (
     BASE_NAME,
+    DEFAULT_DESIGN,
+    DESIGN_PLAN,
+    DESIGNS,
     MANIFEST,
     PLANS,
     SIZES,
     PoolPlan,
     PoolSummary,
     build_pool,
+    plan_for,
     plan_recipe,
     read_summary,
     recipe_text,
     summary_table,
 )
-from mergekit_recycle.demo_pool.model import char_tokenizer, save_checkpoint, tiny_llama
+from mergekit_recycle.demo_pool.model import ARCHITECTURES, char_tokenizer, save_checkpoint, tiny_llama, tiny_model
 from mergekit_recycle.demo_pool.skills import SKILLS, make_examples
 from mergekit_recycle.demo_pool.tasks import SkillTasks, evaluation_examples, write_tasks
+from mergekit_recycle.demo_pool.training import TrainingRun
 
 __all__ = [
-    "BASE_NAME", "MANIFEST", "PLANS", "SIZES", "PoolPlan", "PoolSummary", "SKILLS", "SkillTasks",
-    "build_pool", "evaluation_examples", "plan_recipe", "char_tokenizer", "make_examples", "read_summary", "recipe_text", "save_checkpoint",
-    "summary_table", "tiny_llama", "write_tasks",
+    "ARCHITECTURES", "BASE_NAME", "DEFAULT_DESIGN", "DESIGN_PLAN", "DESIGNS", "MANIFEST", "PLANS", "SIZES", "PoolPlan",
+    "PoolSummary", "SKILLS", "SkillTasks", "TrainingRun", "build_pool", "evaluation_examples", "plan_for", "plan_recipe",
+    "char_tokenizer", "make_examples", "read_summary", "recipe_text", "save_checkpoint", "summary_table", "tiny_llama",
+    "tiny_model", "write_tasks",
 ]

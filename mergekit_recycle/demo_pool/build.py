@@ -1,10 +1,15 @@
-"""Building the demo pool: a plan (data) for each size, applied to a folder.
+"""Building the demo pool: a plan (data) for each design and size, applied to a folder.
 
-The pool is built like Khalifa et al.'s: one "pretraining" run teaches all three skills,
-then several "post-training" runs start from it, each on a skewed mixture at a constant
-learning rate. A run keeps what it rehearses and forgets part of what it does not; no run
-rehearses both `add` and `shift`, so no checkpoint keeps every skill, and a merge can
-recover what each one lost. (`sort` is easy enough that little of it is ever forgotten.)
+The default design, `forgetting`, is built like Khalifa et al.'s pool: one "pretraining" run
+teaches all three skills, then several "post-training" runs start from it, each on a skewed
+mixture at a constant learning rate. A run keeps what it rehearses and forgets part of what it
+does not; no run rehearses both `add` and `shift`, so no checkpoint keeps every skill, and a
+merge can recover what each one lost. (`sort` is easy enough that little of it is ever forgotten.)
+
+The other designs (DESIGNS) give pools of other characters: complementary `experts` from a weak
+base, the checkpoints of one training `trajectory` and its annealed ends, a `dominant` checkpoint
+that no merge improves on, a forgetting pool with one `broken` (diverged) checkpoint, and the
+forgetting plan on a tied-embedding `qwen2` model. Each design's docstring below says what it holds.
 
 A build writes into a temporary sibling folder and renames it into place at the end,
 so an interrupted or failed build never leaves a half-built pool behind, and an
@@ -22,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mergekit_recycle.demo_pool.model import char_tokenizer, save_checkpoint, tiny_llama
+from mergekit_recycle.demo_pool.model import ARCHITECTURES, char_tokenizer, save_checkpoint, tiny_model
 from mergekit_recycle.demo_pool.skills import SKILLS
 from mergekit_recycle.demo_pool.tasks import SkillTasks, evaluation_examples, skill_tasks, write_tasks
 from mergekit_recycle.demo_pool.training import TrainingRun, train
@@ -39,7 +44,12 @@ Report = Callable[[str], None]
 
 
 class PoolPlan(BaseModel):
-    """Everything that decides what a pool of a given size contains, except the seed."""
+    """Everything that decides what a pool of a given design and size contains, except the seed.
+
+    The first run (`pretraining`) starts from a freshly initialised model; each later run starts
+    from the checkpoint its `start` names (by default the pretraining run's). The recipe's pool is
+    every checkpoint the post-training runs save, in order.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -50,55 +60,217 @@ class PoolPlan(BaseModel):
     post_training: Tuple[TrainingRun, ...]
     dev_size: int
     test_size: int
+    # Fields added after the first plans: at their defaults they leave the fingerprint unchanged.
+    design: str = "forgetting"
+    architecture: str = Field(default="llama", description="a key of model.ARCHITECTURES")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PoolPlan":
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, not {self.architecture!r}")
+        if self.pretraining.start is not None:
+            raise ValueError("the pretraining run starts from a fresh model: it takes no start")
+        if not self.post_training:
+            raise ValueError("a plan needs at least one post-training run (the pool)")
+        saved = list(self.pretraining.checkpoints())
+        for run in self.post_training:
+            if run.start is not None and run.start not in saved:
+                raise ValueError(f"run {run.name} starts from {run.start}, which no earlier run saves")
+            saved += run.checkpoints()
+        if len(set(saved)) != len(saved) or any(name in ("tasks", "") or "/" in name for name in saved):
+            raise ValueError("checkpoint names must be distinct folder names (and not 'tasks')")
+        return self
+
+    @property
+    def runs(self) -> Tuple[TrainingRun, ...]:
+        return (self.pretraining,) + self.post_training
+
+    def checkpoints(self) -> Tuple[str, ...]:
+        """Every checkpoint the build saves, in order."""
+        return tuple(name for run in self.runs for name in run.checkpoints())
+
+    def pool(self) -> Tuple[str, ...]:
+        """The checkpoints the recipe merges: those of the post-training runs."""
+        return tuple(name for run in self.post_training for name in run.checkpoints())
 
     def fingerprint(self) -> str:
-        text = json.dumps({"format": FORMAT, "plan": self.model_dump(mode="json")}, sort_keys=True)
+        data = _dump_without_defaults(self, ("design", "architecture"))
+        data["pretraining"] = _dump_without_defaults(self.pretraining, ("start", "saves"))
+        data["post_training"] = [_dump_without_defaults(run, ("start", "saves")) for run in self.post_training]
+        text = json.dumps({"format": FORMAT, "plan": data}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _dump_without_defaults(model: BaseModel, later_fields: Tuple[str, ...]) -> dict:
+    """`model` as JSON data, leaving out the fields added after a plan's first version while they
+    hold their defaults: plans made before those fields keep their fingerprints."""
+    data = model.model_dump(mode="json")
+    for field in later_fields:
+        if getattr(model, field) == type(model).model_fields[field].default:
+            del data[field]
+    return data
+
+
+def _run(name: str, add: float, sort: float, shift: float, steps: int, learning_rate: float, batch_size: int = 32,
+         schedule: str = "constant", **more) -> TrainingRun:
+    return TrainingRun(name=name, mix={"add": add, "sort": sort, "shift": shift}, steps=steps,
+                       learning_rate=learning_rate, batch_size=batch_size, schedule=schedule, **more)
+
+
 def _post(index: int, add: float, sort: float, shift: float, steps: int, learning_rate: float) -> TrainingRun:
-    return TrainingRun(
-        name=f"post-{index}",
-        mix={"add": add, "sort": sort, "shift": shift},
-        steps=steps,
-        learning_rate=learning_rate,
-        batch_size=32,
-        schedule="constant",
-    )
+    return _run(f"post-{index}", add, sort, shift, steps, learning_rate)
 
 
-def _plan(size: str, post_training: Tuple[TrainingRun, ...], dev_size: int, test_size: int) -> PoolPlan:
-    """Both sizes share the model and the pretraining run, which every skill needs in full."""
-    pretraining = TrainingRun(name=BASE_NAME, mix={skill: 1.0 for skill in SKILLS}, steps=1500,
-                              learning_rate=3e-3, batch_size=64, schedule="cosine")
-    return PoolPlan(size=size, hidden_size=32, layers=2, pretraining=pretraining,
-                    post_training=post_training, dev_size=dev_size, test_size=test_size)
+def _pretraining(steps: int = 1500, schedule: str = "cosine", mix: Tuple[float, float, float] = (1, 1, 1)) -> TrainingRun:
+    """A run on every skill (an even mix unless told otherwise), from a fresh model: `base`."""
+    return _run(BASE_NAME, *mix, steps, 3e-3, batch_size=64, schedule=schedule)
 
 
-PLANS: Dict[str, PoolPlan] = {
-    "default": _plan(
-        "default",
-        (
-            _post(1, 1, 0, 0, 300, 1e-3),
-            _post(2, 4, 1, 0, 200, 1.5e-3),
-            _post(3, 0, 1, 0, 400, 1e-3),
-            _post(4, 0, 4, 1, 300, 1e-3),
-            _post(5, 0, 0, 1, 200, 1.5e-3),
-            _post(6, 1, 0, 0, 200, 2e-3),
-            _post(7, 1, 1, 0, 300, 1e-3),
-            _post(8, 0, 1, 1, 400, 1e-3),
-        ),
-        dev_size=300,
-        test_size=1000,
+SIZE_QUESTIONS = {"default": (300, 1000), "small": (100, 300)}
+
+
+def _plan(size: str, post_training: Tuple[TrainingRun, ...], pretraining: Optional[TrainingRun] = None,
+          hidden_size: int = 32, **more) -> PoolPlan:
+    """The forgetting plans' model and pretraining run (which every skill needs in full) unless
+    told otherwise, and the size's number of questions."""
+    dev_size, test_size = SIZE_QUESTIONS[size]
+    return PoolPlan(size=size, hidden_size=hidden_size, layers=2, pretraining=pretraining or _pretraining(),
+                    post_training=post_training, dev_size=dev_size, test_size=test_size, **more)
+
+
+# forgetting: Khalifa et al.'s pool (see the module's docstring). Each post-training run keeps
+# what it rehearses and forgets part of the rest; no checkpoint has every skill.
+FORGETTING_RUNS = {
+    "default": (
+        _post(1, 1, 0, 0, 300, 1e-3),
+        _post(2, 4, 1, 0, 200, 1.5e-3),
+        _post(3, 0, 1, 0, 400, 1e-3),
+        _post(4, 0, 4, 1, 300, 1e-3),
+        _post(5, 0, 0, 1, 200, 1.5e-3),
+        _post(6, 1, 0, 0, 200, 2e-3),
+        _post(7, 1, 1, 0, 300, 1e-3),
+        _post(8, 0, 1, 1, 400, 1e-3),
     ),
-    "small": _plan(
-        "small",
-        tuple(_post(i, *mix, 150, 1e-3) for i, mix in enumerate([(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1), (0, 4, 1)], 1)),
-        dev_size=100,
-        test_size=300,
-    ),
+    "small": tuple(_post(i, *mix, 150, 1e-3) for i, mix in enumerate([(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1), (0, 4, 1)], 1)),
 }
-SIZES = tuple(PLANS)
+
+
+def _forgetting(size: str) -> PoolPlan:
+    return _plan(size, FORGETTING_RUNS[size])
+
+
+def _experts(size: str) -> PoolPlan:
+    """experts: a base trained only part of the way (1,000 steps at a constant rate, not
+    annealed: weaker than the forgetting design's, mostly at `add`), then experts fine-tuned from
+    it on one skill each, two per skill at different learning rates (one at the small size).
+    Each expert is best at its own skill and forgets much of the others; averages of them
+    combine the skills and beat every expert, and the base.
+
+    The base cannot be much weaker: a weight average does not create a skill that the experts'
+    common ancestor lacked. `shift` appears abruptly (near 850-900 steps of this run); experts
+    from a base without it lose it again in any average (a merge of an `add` and a `shift`
+    expert then scores no better than the base), and what an `add` expert adds is halved."""
+    base = _pretraining(EXPERTS_BASE_STEPS, schedule="constant", mix=EXPERTS_BASE_MIX)
+    steps, rates = EXPERTS[size]
+    runs = tuple(
+        _run(f"{skill}-{index}", *(float(other == skill) for other in SKILLS), steps, rate)
+        for index, rate in enumerate(rates, 1) for skill in SKILLS
+    )
+    return _plan(size, runs, pretraining=base, design="experts")
+
+
+EXPERTS_BASE_STEPS = 1000
+EXPERTS_BASE_MIX = (1, 1, 1)
+# (steps of each expert, the learning rate of each expert of a skill)
+EXPERTS = {"default": (300, (1e-3, 1.5e-3)), "small": (200, (1e-3,))}
+
+
+def _trajectory(size: str) -> PoolPlan:
+    """trajectory: one constant-learning-rate run on every skill, from a short warm start (`base`,
+    not in the pool), saved every 200 steps (150 at the small size), and cosine-annealed branches
+    from two of those checkpoints: neighbours close in weight space, as along a real training
+    run. Early checkpoints come before `shift` appears, later ones improve noisily (a constant
+    rate), and the later annealed branch is the best checkpoint."""
+    steps, every, branches, anneal = TRAJECTORY[size]
+    base = _pretraining(TRAJECTORY_WARM_START, schedule="constant")
+    trajectory = _run("step", 1, 1, 1, steps, TRAJECTORY_RATE, batch_size=64, saves=tuple(range(every, steps + 1, every)))
+    annealed = tuple(
+        _run(f"anneal-{step}", 1, 1, 1, anneal, TRAJECTORY_RATE, batch_size=64, schedule="cosine", warmup=0.0, start=f"step-{step}")
+        for step in branches
+    )
+    return _plan(size, (trajectory,) + annealed, pretraining=base, design="trajectory")
+
+
+TRAJECTORY_WARM_START = 300
+TRAJECTORY_RATE = 3e-3
+# (steps of the run, save every, annealed branches at, annealing steps)
+TRAJECTORY = {"default": (1000, 200, (400, 800), 200), "small": (600, 150, (300,), 150)}
+
+
+def _dominant(size: str) -> PoolPlan:
+    """dominant: no headroom. One post-training run rehearses every skill and anneals (`all`: as
+    good as the base, near 100% everywhere); the others rehearse a skewed mix at a high constant
+    rate, and are no better than it at any skill."""
+    best = _run("all", 1, 1, 1, DOMINANT_STEPS[size], 1e-3, schedule="cosine")
+    variants = tuple(_post(i, *mix, DOMINANT_STEPS[size], 3e-3) for i, mix in enumerate(DOMINANT_MIXES[size], 1))
+    return _plan(size, variants[:2] + (best,) + variants[2:], design="dominant")
+
+
+DOMINANT_STEPS = {"default": 300, "small": 150}
+DOMINANT_MIXES = {"default": [(1, 1, 0), (0, 1, 1), (1, 0, 1), (2, 1, 1), (1, 1, 2)], "small": [(1, 1, 0), (0, 1, 1), (1, 0, 1)]}
+
+
+def _broken(size: str) -> PoolPlan:
+    """broken: the forgetting pool plus one checkpoint whose run diverged (a learning rate far too
+    high: its loss blows up and its weights grow large, but stay finite)."""
+    diverged = _post(len(FORGETTING_RUNS[size]) + 1, 1, 1, 1, BROKEN_STEPS, BROKEN_RATE)
+    return _plan(size, FORGETTING_RUNS[size] + (diverged,), design="broken")
+
+
+BROKEN_STEPS = 150
+BROKEN_RATE = 0.3
+
+
+def _qwen2(size: str) -> PoolPlan:
+    """qwen2: the forgetting plan on a tiny Qwen2 with tied input and output embeddings, twice as
+    wide (hidden size 64): at 32, 1,500 steps of pretraining never teach it `shift` (it stays
+    below chance on seeds 0 and 1), so every checkpoint would miss a skill from the start."""
+    return _plan(size, FORGETTING_RUNS[size], hidden_size=QWEN2_HIDDEN, design="qwen2", architecture="qwen2")
+
+
+QWEN2_HIDDEN = 64
+
+
+DESIGN_PLANS = {
+    "forgetting": _forgetting,
+    "experts": _experts,
+    "trajectory": _trajectory,
+    "dominant": _dominant,
+    "broken": _broken,
+    "qwen2": _qwen2,
+}
+DESIGNS = tuple(DESIGN_PLANS)
+SIZES = ("default", "small")
+DEFAULT_DESIGN = "forgetting"
+# Every design's plan per size: DESIGN_PLAN[design][size].
+DESIGN_PLAN: Dict[str, Dict[str, PoolPlan]] = {design: {size: make(size) for size in SIZES} for design, make in DESIGN_PLANS.items()}
+# The forgetting design's plans, by size.
+PLANS: Dict[str, PoolPlan] = DESIGN_PLAN[DEFAULT_DESIGN]
+
+
+def plan_for(design: str = DEFAULT_DESIGN, size: str = "default") -> PoolPlan:
+    """The plan of `design` (one of DESIGNS) at `size` (one of SIZES)."""
+    if design not in DESIGN_PLAN:
+        raise ValueError(f"no demo pool design {design!r}; choose one of {', '.join(DESIGNS)}")
+    if size not in SIZES:
+        raise ValueError(f"no demo pool size {size!r}; choose one of {', '.join(SIZES)}")
+    return DESIGN_PLAN[design][size]
+
+
+def pool_arguments(design: str, seed: int, size: str) -> str:
+    """The command-line options that build a pool (--design only for a design other than the default)."""
+    prefix = f"--design {design} " if design != DEFAULT_DESIGN else ""
+    return f"{prefix}--seed {seed} --size {size}"
 
 
 class PoolSummary(BaseModel):
@@ -107,6 +279,8 @@ class PoolSummary(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     format: int
+    # Pools built before designs existed are of the default design.
+    design: str = "forgetting"
     seed: int
     size: str
     fingerprint: str
@@ -122,8 +296,8 @@ class PoolSummary(BaseModel):
 
 def plan_recipe(plan: PoolPlan) -> str:
     """The recipe a pool built from `plan` ships: its post-training checkpoints and tasks."""
-    checkpoints = [run.name for run in plan.post_training]
-    return recipe_text("toy-recycle", checkpoints, skill_tasks(), budget=200)
+    name = "toy-recycle" if plan.design == DEFAULT_DESIGN else f"toy-recycle-{plan.design}"
+    return recipe_text(name, list(plan.pool()), skill_tasks(), budget=200)
 
 
 def recipe_text(name: str, checkpoints: List[str], tasks: List[SkillTasks], budget: int) -> str:
@@ -182,11 +356,11 @@ def _existing_pool(directory: Path, seed: int, plan: PoolPlan) -> Optional[PoolS
         raise
     except OSError as exc:
         raise DemoPoolError(directory, f"cannot read this folder ({exc.strerror or exc})") from None
-    if (summary.seed, summary.size) != (seed, plan.size):
+    if (summary.design, summary.seed, summary.size) != (plan.design, seed, plan.size):
         raise DemoPoolExistsError(
             directory,
-            f"already holds a demo pool built with --seed {summary.seed} --size {summary.size}; "
-            f"choose another folder or delete this one to build --seed {seed} --size {plan.size}",
+            f"already holds a demo pool built with {pool_arguments(summary.design, summary.seed, summary.size)}; "
+            f"choose another folder or delete this one to build {pool_arguments(plan.design, seed, plan.size)}",
         )
     if summary.fingerprint != plan.fingerprint():
         raise DemoPoolExistsError(directory, "holds a demo pool built by another version of mergekit-recycle; delete it to rebuild")
@@ -210,24 +384,42 @@ def _workspace(directory: Path) -> Path:
     return workspace
 
 
-def _train_pool(workspace: Path, seed: int, plan: PoolPlan, evaluation_questions: frozenset, report: Report) -> Dict[str, str]:
+def _train_pool(workspace: Path, seed: int, plan: PoolPlan, evaluation_questions: frozenset, report: Report,
+                directory: Optional[Path] = None) -> Dict[str, str]:
+    """Train every run of `plan` and save its checkpoints; return what each checkpoint is."""
+    import torch
+
     tokenizer = char_tokenizer()
-    runs = (plan.pretraining,) + plan.post_training
-    base = tiny_llama(tokenizer, seed=seed, hidden_size=plan.hidden_size, layers=plan.layers)
+    runs = plan.runs
+    saved = {}  # checkpoint name -> the model saved there, for the runs that start from it
     descriptions = {}
     for index, run in enumerate(runs):
-        model = base if run is plan.pretraining else copy.deepcopy(base)
+        if run is plan.pretraining:
+            model = tiny_model(tokenizer, seed=seed, architecture=plan.architecture, hidden_size=plan.hidden_size, layers=plan.layers)
+        else:
+            model = copy.deepcopy(saved[run.start or plan.pretraining.checkpoints()[-1]])
         started = time.perf_counter()
         label = f"[{index + 1}/{len(runs)}] {run.name} ({run.describe()})"
+        snapshots = {}
 
         def progress(step: int, total: int, loss: float) -> None:
+            if step in run.saves and step != total:
+                snapshots[step] = copy.deepcopy(model.state_dict())
             if step % max(1, total // 4) == 0 or step == total:
                 report(f"{label}: step {step}/{total}, loss {loss:.3f}")
 
         train(model, tokenizer, run, seed=seed * 1009 + index, exclude=evaluation_questions, progress=progress)
-        save_checkpoint(model, tokenizer, workspace / run.name)
+        for name, step in zip(run.checkpoints(), run.saves or (run.steps,)):
+            checkpoint = model
+            if step != run.steps:
+                checkpoint = copy.deepcopy(model)
+                checkpoint.load_state_dict(snapshots[step])
+            if not all(torch.isfinite(tensor).all() for tensor in checkpoint.state_dict().values()):
+                raise DemoPoolError(directory or workspace, f"run {run.name} left non-finite weights in {name}; the plan needs a lower learning rate")
+            save_checkpoint(checkpoint, tokenizer, workspace / name)
+            saved[name] = checkpoint
+            descriptions[name] = run.describe_checkpoint(name)
         report(f"{label}: done in {time.perf_counter() - started:.1f} s")
-        descriptions[run.name] = run.describe()
     return descriptions
 
 
@@ -242,28 +434,33 @@ def _score_pool(workspace: Path, checkpoints: List[str], tasks: List[SkillTasks]
     model = AutoModelForCausalLM.from_pretrained(first).eval()
     names = [name for task in tasks for name in (task.search, task.holdout)]
     scorer = Scorer(model, AutoTokenizer.from_pretrained(first), names, [workspace / "tasks"])
+    # A checkpoint with tied embeddings stores the input embedding only; the model's output
+    # embedding is the same tensor, so it is loaded with it.
+    tied = {name for name in model.state_dict() if name not in load_file(first / "model.safetensors")}
     scores = {}
     for checkpoint in checkpoints:
-        model.load_state_dict(load_file(workspace / checkpoint / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(load_file(workspace / checkpoint / "model.safetensors"), strict=False)
+        if set(missing) != tied or unexpected:
+            raise DemoPoolError(workspace.parent, f"{checkpoint} does not load into its model: missing {missing}, unexpected {unexpected}")
         scores[checkpoint] = {name: metrics["acc"] for name, metrics in scorer.score().items()}
         report(f"scored {checkpoint}")
     return scores
 
 
 def build_pool(directory: Path, seed: int = 0, size: Union[str, PoolPlan] = "default",
-               report: Report = lambda line: None) -> PoolSummary:
-    """Build the demo pool of `size` (a name in PLANS, or a plan of your own) from `seed` in
-    `directory` and return its summary; a no-op when `directory` already holds that pool.
-    `report` receives progress lines."""
+               report: Report = lambda line: None, design: str = DEFAULT_DESIGN) -> PoolSummary:
+    """Build the demo pool of `design` (one of DESIGNS) and `size` (one of SIZES; or a plan of
+    your own, which carries its design) from `seed` in `directory` and return its summary; a
+    no-op when `directory` already holds that pool. `report` receives progress lines."""
     from transformers.utils import logging as transformers_logging
 
     if Path(directory).name in ("", ".", "..") or Path(directory).is_symlink() or os.path.ismount(directory):
         raise DemoPoolError(directory, "give the pool a folder of its own (not '.', '..', a link or a mount point)")
     directory = Path(os.path.abspath(directory))
-    plan = PLANS[size] if isinstance(size, str) else size
+    plan = plan_for(design, size) if isinstance(size, str) else size
     existing = _existing_pool(directory, seed, plan)
     if existing is not None:
-        report(f"{directory} already holds this pool (--seed {seed} --size {plan.size}); nothing to do")
+        report(f"{directory} already holds this pool ({pool_arguments(plan.design, seed, plan.size)}); nothing to do")
         return existing
     workspace = _workspace(directory)
     try:
@@ -271,12 +468,12 @@ def build_pool(directory: Path, seed: int = 0, size: Union[str, PoolPlan] = "def
         started = time.perf_counter()
         examples = evaluation_examples(seed, plan.dev_size, plan.test_size)
         questions = frozenset(row["question"] for splits in examples.values() for rows in splits.values() for row in rows)
-        descriptions = _train_pool(workspace, seed, plan, questions, report)
+        descriptions = _train_pool(workspace, seed, plan, questions, report, directory)
         tasks = write_tasks(workspace / "tasks", examples)
         scores = _score_pool(workspace, list(descriptions), tasks, report)
         (workspace / "recipe.yaml").write_text(plan_recipe(plan))
         summary = PoolSummary(
-            format=FORMAT, seed=seed, size=plan.size, fingerprint=plan.fingerprint(), checkpoints=descriptions,
+            format=FORMAT, design=plan.design, seed=seed, size=plan.size, fingerprint=plan.fingerprint(), checkpoints=descriptions,
             tasks=tasks, scores=scores, build_seconds=round(time.perf_counter() - started, 1),
         )
         (workspace / MANIFEST).write_text(summary.model_dump_json(indent=2) + "\n")

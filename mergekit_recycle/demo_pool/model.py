@@ -1,5 +1,5 @@
-"""The demo pool's model: a character-level tokenizer and a tiny transformers Llama,
-saved as ordinary Hugging Face checkpoints that AutoTokenizer, mergekit and lm-eval load."""
+"""The demo pool's model: a character-level tokenizer and a tiny transformers Llama (or Qwen2,
+Mistral), saved as ordinary Hugging Face checkpoints that AutoTokenizer, mergekit and lm-eval load."""
 
 from pathlib import Path
 
@@ -31,12 +31,24 @@ def char_tokenizer():
     )
 
 
-def tiny_llama(tokenizer, seed: int, hidden_size: int = 32, layers: int = 2):
-    """A freshly initialised LlamaForCausalLM small enough to train and merge in seconds."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+# The architectures a plan may choose: transformers' class and config, and whether the output
+# embedding is tied to the input one. Every one of them has a mergekit architecture definition.
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", False),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", True),
+    "mistral": ("MistralForCausalLM", "MistralConfig", False),
+}
 
-    config = LlamaConfig(
+
+def tiny_model(tokenizer, seed: int, architecture: str = "llama", hidden_size: int = 32, layers: int = 2):
+    """A freshly initialised causal LM of `architecture` (a key of ARCHITECTURES), small enough
+    to train and merge in seconds: 4 attention heads, an MLP twice as wide as the model."""
+    import torch
+    import transformers
+
+    model_class, config_class, tied = ARCHITECTURES[architecture]
+    extra = {"sliding_window": None} if architecture == "mistral" else {}
+    config = getattr(transformers, config_class)(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -47,10 +59,16 @@ def tiny_llama(tokenizer, seed: int, hidden_size: int = 32, layers: int = 2):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
+        **extra,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return getattr(transformers, model_class)(config)
+
+
+def tiny_llama(tokenizer, seed: int, hidden_size: int = 32, layers: int = 2):
+    """A freshly initialised LlamaForCausalLM small enough to train and merge in seconds."""
+    return tiny_model(tokenizer, seed, "llama", hidden_size, layers)
 
 
 def save_checkpoint(model, tokenizer, directory: Path) -> Path:

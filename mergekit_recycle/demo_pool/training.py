@@ -11,7 +11,7 @@ import math
 import random
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mergekit_recycle.demo_pool.skills import SKILLS
 
@@ -19,8 +19,11 @@ from mergekit_recycle.demo_pool.skills import SKILLS
 ProgressCallback = Callable[[int, int, float], None]
 
 
+SCHEDULES = ("cosine", "constant")
+
+
 class TrainingRun(BaseModel):
-    """One training run: where it starts, what it sees, and how fast it moves."""
+    """One training run: where it starts, what it sees, how fast it moves and when it is saved."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -31,10 +34,45 @@ class TrainingRun(BaseModel):
     batch_size: int
     schedule: str = Field(description="'cosine' decays to zero; 'constant' keeps the rate")
     warmup: float = 0.1
+    # Fields added after the first plans: at their defaults they leave a plan's fingerprint unchanged.
+    start: Optional[str] = Field(
+        default=None,
+        description="the checkpoint (of an earlier run) this run starts from; none: a freshly "
+        "initialised model for a plan's first run, that run's checkpoint for every other run",
+    )
+    saves: Tuple[int, ...] = Field(
+        default=(),
+        description="steps after which the run is saved, as checkpoints '<name>-<step>'; "
+        "none: one checkpoint '<name>' at the end",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainingRun":
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be at least 1")
+        if not any(self.mix.get(skill, 0) > 0 for skill in SKILLS) or set(self.mix) - set(SKILLS):
+            raise ValueError(f"mix must give some of {', '.join(SKILLS)} (and nothing else) a positive share")
+        if self.saves and (list(self.saves) != sorted(set(self.saves)) or self.saves[0] < 1 or self.saves[-1] != self.steps):
+            raise ValueError("saves must be increasing steps from 1 up to the last step, which it must include")
+        return self
+
+    def checkpoints(self) -> Tuple[str, ...]:
+        """The names of the checkpoints this run saves, in order."""
+        return tuple(f"{self.name}-{step}" for step in self.saves) if self.saves else (self.name,)
 
     def describe(self) -> str:
         mix = ":".join(f"{self.mix.get(skill, 0):g}" for skill in SKILLS)
-        return f"mix {'/'.join(SKILLS)} {mix}, {self.steps} steps, lr {self.learning_rate:g} {self.schedule}"
+        text = f"mix {'/'.join(SKILLS)} {mix}, {self.steps} steps, lr {self.learning_rate:g} {self.schedule}"
+        return text + (f", from {self.start}" if self.start else "")
+
+    def describe_checkpoint(self, checkpoint: str) -> str:
+        """What one of this run's checkpoints is."""
+        if not self.saves:
+            return self.describe()
+        step = self.saves[self.checkpoints().index(checkpoint)]
+        return f"step {step} of run {self.name} ({self.describe()})"
 
 
 def training_batches(run: TrainingRun, tokenizer, rng: random.Random, exclude: frozenset) -> Iterable[Tuple[list, list]]:
