@@ -201,7 +201,7 @@ def claim(label: str, entry: Optional[Dict[str, Any]]) -> str:
     if entry.get("low") is None:
         return f"{'ahead of' if entry['margin'] > 0 else 'not ahead of'} {who} by {points} (no interval: no per-document scores)"
     if entry.get("verdict") == "same model":
-        return f"{who} itself"
+        return f"the same model as {who}"
     span = f"{points}, 95% CI [{entry['low'] * 100:+.2f}, {entry['high'] * 100:+.2f}]"
     verdict = {"better": "better than", "worse": "worse than", "no different": "no better than"}[
         Interval(entry["margin"], entry["low"], entry["high"]).verdict]
