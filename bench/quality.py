@@ -2,7 +2,8 @@
 
 This measures the claim the tool exists for, on pools built to differ (`demo-pool --design`):
 forgetting, complementary experts, a training trajectory, one dominant checkpoint (no
-headroom), one broken checkpoint among good ones, and another architecture. For every
+headroom), one broken checkpoint among good ones, near-equal checkpoints that tie (close), and
+another architecture. For every
 design, pool seed and search seed it runs the real optimizer (`mergekit_recycle.optimize.optimize`,
 the code path of `mergekit-recycle optimize`) twice on the pool's recipe:
 

@@ -118,7 +118,8 @@ def validate_command(recipe_file: Path, check_tasks: bool, as_json: bool) -> Non
               help="What the pool holds. forgetting: post-training runs that each forget what they do not "
               "rehearse; experts: one-skill experts from a partly trained base; trajectory: one run's "
               "checkpoints every few hundred steps and two annealed ends; dominant: one checkpoint best "
-              "at everything (no headroom); broken: forgetting plus one diverged checkpoint; qwen2: "
+              "at everything (no headroom); broken: forgetting plus one diverged checkpoint; close: "
+              "near-equal checkpoints, some tied on dev (little headroom); qwen2: "
               "forgetting on a tied-embedding Qwen2.")
 @click.option("--quiet", is_flag=True, help="Print only the summary table.")
 def demo_pool_command(directory: Path, seed: int, size: str, design: str, quiet: bool) -> None:

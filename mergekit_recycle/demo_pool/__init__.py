@@ -1,6 +1,6 @@
 """The demo pool: tiny checkpoints that trade three synthetic skills off against each other,
 their lm-eval tasks and a ready recipe, built offline in minutes, in one of several designs
-(DESIGNS: forgetting, experts, trajectory, dominant, broken, qwen2).
+(DESIGNS: forgetting, experts, trajectory, dominant, broken, close, qwen2).
 
 `mergekit-recycle demo-pool DIR [--design NAME]` builds it; `build_pool(DIR, seed=0,
 size="default", design="experts")` is the same from Python.

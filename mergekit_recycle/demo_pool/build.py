@@ -8,8 +8,8 @@ merge can recover what each one lost. (`sort` is easy enough that little of it i
 
 The other designs (DESIGNS) give pools of other characters: complementary `experts` from a weak
 base, the checkpoints of one training `trajectory` and its annealed ends, a `dominant` checkpoint
-that no merge improves on, a forgetting pool with one `broken` (diverged) checkpoint, and the
-forgetting plan on a tied-embedding `qwen2` model. Each design's docstring below says what it holds.
+that no merge improves on, a forgetting pool with one `broken` (diverged) checkpoint, `close`
+checkpoints that tie (little headroom), and the forgetting plan on a tied-embedding `qwen2` model. Each design's docstring below says what it holds.
 
 A build writes into a temporary sibling folder and renames it into place at the end,
 so an interrupted or failed build never leaves a half-built pool behind, and an
@@ -231,6 +231,24 @@ BROKEN_STEPS = 150
 BROKEN_RATE = 0.3
 
 
+def _close(size: str) -> PoolPlan:
+    """close: little headroom, and checkpoints that tie. The experts' base (stopped before its
+    skills are finished), then short, gentle runs from it on nearly even mixes, each tilted a
+    little towards one skill or another: the checkpoints are close to each other in weight space
+    and within about a point of each other (97-99%, what is left is in `add`), some tied on dev.
+    The case where the merge best on dev is often just the luckiest one (the winner's curse)."""
+    base = _pretraining(EXPERTS_BASE_STEPS, schedule="constant", mix=EXPERTS_BASE_MIX)
+    steps, rate = CLOSE[size]
+    runs = tuple(_run(f"ft-{index}", *mix, steps, rate) for index, mix in enumerate(CLOSE_MIXES[size], 1))
+    return _plan(size, runs, pretraining=base, design="close")
+
+
+# (steps, learning rate) of each run, and the mixes (add, sort, shift)
+CLOSE = {"default": (100, 5e-4), "small": (60, 5e-4)}
+CLOSE_MIXES = {"default": [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (1, 1, 1), (2, 1, 2)],
+               "small": [(1, 1, 1), (2, 1, 1), (1, 1, 2), (1, 2, 1)]}
+
+
 def _qwen2(size: str) -> PoolPlan:
     """qwen2: the forgetting plan on a tiny Qwen2 with tied input and output embeddings, twice as
     wide (hidden size 64): at 32, 1,500 steps of pretraining never teach it `shift` (it stays
@@ -247,6 +265,7 @@ DESIGN_PLANS = {
     "trajectory": _trajectory,
     "dominant": _dominant,
     "broken": _broken,
+    "close": _close,
     "qwen2": _qwen2,
 }
 DESIGNS = tuple(DESIGN_PLANS)
