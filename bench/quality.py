@@ -179,7 +179,6 @@ def replay_choices(robust: dict, args) -> Dict[str, dict]:
     from mergekit_recycle.pool import resolve_pool
     from mergekit_recycle.proposal import Merge
     from mergekit_recycle.selection import Contender, choose, interval
-    from mergekit_recycle.simplex import normalise
 
     recipe, records = robust["recipe"], Journal(robust["run_dir"] / JOURNAL, repair=False).records
     selection = [r for r in records if r.get("type") == "selection"][-1]
@@ -197,7 +196,7 @@ def replay_choices(robust: dict, args) -> Dict[str, dict]:
         merges[name] = Merge(weights=record["weights"], scale=record["scale"])
     baselines = [c for c in contenders.values() if c.kind not in ("proposal",)]
     finalists = [contenders[name] for name in selection["finalists"] if name in contenders]
-    shares = dict(zip([t.name for t in recipe.tasks], normalise([t.weight for t in recipe.tasks])))
+    shares = recipe.shares()
     decisions = {f"confidence {c}": choose(baselines, finalists, shares, recipe.selection.holdback, c).winner
                  for c in CONFIDENCES}
     point = choose(baselines, finalists, shares, recipe.selection.holdback, 0.5)

@@ -20,7 +20,6 @@ from mergekit_recycle.pool import Pool
 from mergekit_recycle.proposal import Merge
 from mergekit_recycle.recipe import Recipe
 from mergekit_recycle.resident_merge import ResidentMerger, load_resident_model
-from mergekit_recycle.simplex import normalise
 
 Split = Literal["search", "selection", "holdout"]
 
@@ -52,8 +51,7 @@ class CandidateEvaluator(Protocol):
 
 def objective(recipe: Recipe, scores: Dict[str, float]) -> float:
     """The weighted mean of the task scores, with the recipe's task weights."""
-    shares = normalise([task.weight for task in recipe.tasks])
-    return math.fsum(share * scores[task.name] for share, task in zip(shares, recipe.tasks))
+    return math.fsum(share * scores[name] for name, share in recipe.shares().items())
 
 
 def task_name(task, split: Split) -> str:

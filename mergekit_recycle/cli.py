@@ -318,14 +318,14 @@ def quiet_say(quiet: bool) -> Callable[[str], None]:
 
 
 def holdout_summary(report: dict) -> str:
-    from mergekit_recycle.report import margins_line, selection_line
+    from mergekit_recycle.report import holdout_paragraphs
 
     if "winner" not in report:
         return "no winner yet: nothing was scored on the search tasks"
     winner = report["winner"]
     lines = [f"{report['evaluations']} evaluations; winner {winner['from']} uses {winner['weights_above_1pct']} of "
-             f"{len(winner['weights'])} checkpoints above 1%", margins_line(report)]
-    return "\n".join(lines + ([selection_line(report)] if selection_line(report) else []))
+             f"{len(winner['weights'])} checkpoints above 1%"]
+    return "\n".join(lines + holdout_paragraphs(report))
 
 
 @cli.command("report")

@@ -310,12 +310,6 @@ class Scorer:
         scores.samples = {task: per_document(samples) for task, samples in (results.get("samples") or {}).items()}
         return scores
 
-    def documents(self, task: str) -> int:
-        """How many documents of `task` (a leaf) this scorer scores."""
-        if task in self.samples:
-            return len(self.samples[task])
-        return len(list(leaf_tasks(self.task_dict)[task].eval_docs))
-
 
 def per_document(samples: List[dict]) -> Dict[str, List[float]]:
     """lm-eval's logged samples of one task -> metric (named as `metric_name` says) -> values in document order."""

@@ -5,7 +5,7 @@ plots, the recipe, and how to rebuild the merge)."""
 from typing import Any, Dict, List, Optional
 
 from mergekit_recycle.pool import Checkpoint
-from mergekit_recycle.report import BASELINE_KINDS, USED_WEIGHT, margins_line, selection_line, table
+from mergekit_recycle.report import BASELINE_KINDS, USED_WEIGHT, holdout_paragraphs, table
 
 TAGS = ["merge", "mergekit", "mergekit-recycle"]
 PAPER = "https://arxiv.org/abs/2412.04144"
@@ -83,9 +83,7 @@ def _body(report: Dict[str, Any], checkpoints: List[Checkpoint], base: Optional[
               "and the greedy soup (Wortsman et al. 2022).", "", table(report), ""]
     if report.get("comparison"):
         # The words follow the intervals: a margin whose 95% interval holds 0 reads "no better than".
-        lines += [margins_line(report), ""]
-    if selection_line(report):
-        lines += [selection_line(report), ""]
+        lines += ["\n\n".join(holdout_paragraphs(report)), ""]
     budget = f" of a budget of {report['budget']}" if report.get("budget") else ""
     lines += ["## Search", "",
               f"{report['evaluations']} candidate merges evaluated{budget} ({report['failed']} failed); "

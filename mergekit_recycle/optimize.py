@@ -43,7 +43,6 @@ from mergekit_recycle.proposal import Merge, SearchSpace
 from mergekit_recycle.recipe import Recipe
 from mergekit_recycle.search import CMAES
 from mergekit_recycle.selection import Contender, Decision, choose
-from mergekit_recycle.simplex import normalise
 
 if TYPE_CHECKING:
     from mergekit_recycle.hub_state import HubState
@@ -421,7 +420,7 @@ class Run:
             return None
         finalists = [c for c, _ in contenders.values() if c.kind in FINALIST_KINDS]
         decision = choose([c for c, _ in contenders.values() if c.kind not in FINALIST_KINDS], finalists,
-                          self._shares(), settings.holdback, settings.confidence)
+                          self.recipe.shares(), settings.holdback, settings.confidence)
         self.say(f"selection: {decision.reason}")
         return self._decided(decision, contenders[decision.winner][1], finalists=[c.name for c in finalists])
 
@@ -461,9 +460,6 @@ class Run:
             contenders[name] = (Contender(name, kind, searched["objective"], record["objective"],
                                           record.get("documents")), merge)
         return contenders
-
-    def _shares(self) -> Dict[str, float]:
-        return dict(zip([task.name for task in self.recipe.tasks], normalise([task.weight for task in self.recipe.tasks])))
 
     def _decided(self, decision: Decision, merge: Merge, finalists: Sequence[str] = ()) -> Record:
         """Journal the decision: every session that finishes records the one its report shows."""

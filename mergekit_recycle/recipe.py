@@ -319,6 +319,10 @@ class Recipe(Frozen):
             raise ValueError(f"search.scale: scale {scale!r} needs `base:` (the anchor to extrapolate from)")
         return self
 
+    def shares(self) -> Dict[str, float]:
+        """task name -> its share of the objective (the weights, normalised)."""
+        return dict(zip([task.name for task in self.tasks], normalise([task.weight for task in self.tasks])))
+
 
 def parse_recipe(data: Any, recipe_dir: Path, source: Path = Path("<recipe>")) -> Recipe:
     """Validate recipe data whose relative paths are relative to `recipe_dir`."""
@@ -343,9 +347,9 @@ def describe_recipe(recipe: Recipe, source: Optional[Path] = None) -> str:
     else:
         lines.append(f"base     {recipe.base.describe()}")
         lines.append("         the merge is θ_base + scale · Σ wᵢ (θᵢ − θ_base), Σw = 1")
-    shares = normalise([task.weight for task in recipe.tasks])
+    shares = recipe.shares()
     lines.append(f"tasks    {len(recipe.tasks)}; objective = weighted mean of the search metrics")
-    for task, share in zip(recipe.tasks, shares):
+    for task, share in ((task, shares[task.name]) for task in recipe.tasks):
         limit = "all examples" if task.limit is None else f"a seeded subset of {task.limit}"
         lines.append(
             f"  {task.name}: search={task.search} holdout={task.holdout} metric={task.metric_key} "

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 from mergekit_recycle.config_files import write_atomically
 from mergekit_recycle.errors import RunDirError
 from mergekit_recycle.journal import JOURNAL, Journal
-from mergekit_recycle.selection import Interval
+from mergekit_recycle.selection import Interval, interval
 from mergekit_recycle.simplex import normalise
 
 Record = Dict[str, Any]
@@ -151,8 +151,6 @@ def compare(records: List[Record], rows: List[Dict[str, Any]], shares: Dict[str,
     checkpoints that tie on the search can differ on held-out data, and a user who already has
     the better one must not be told that the merge beats it when it does not.
     """
-    from mergekit_recycle.selection import interval
-
     optimized = next((row for row in rows if row["kind"] == "optimized"), None)
     documents = _documents(records, optimized) if optimized else None
     singles = [row for row in rows if row["kind"] == "checkpoint" and row["holdout"]]
@@ -253,6 +251,11 @@ def selection_line(report: Dict[str, Any]) -> Optional[str]:
     return f"Selection: {selection['reason']}." if selection else None
 
 
+def holdout_paragraphs(report: Dict[str, Any]) -> List[str]:
+    """The margins line, and the selection's reason when there was one: what every summary of a run says."""
+    return [margins_line(report)] + ([selection_line(report)] if report.get("selection") else [])
+
+
 def markdown(report: Dict[str, Any]) -> str:
     lines = [f"# Recycling report: {report['recipe']}", ""]
     budget = f" of {report['budget']}" if report.get("budget") else ""
@@ -262,9 +265,7 @@ def markdown(report: Dict[str, Any]) -> str:
                  + ("" if report.get("finished") else " The run has not finished: the winner so far is shown."))
     lines += ["", "## Search and holdout scores", "", table(report), ""]
     if "margins" in report:
-        lines.append(margins_line(report))
-        if selection_line(report):
-            lines += ["", selection_line(report)]
+        lines.append("\n\n".join(holdout_paragraphs(report)))
         winner = report["winner"]
         lines += ["", "## The winner", "",
                   f"Found as {winner['from']}; {winner['weights_above_1pct']} of {len(winner['weights'])} weights "
@@ -294,9 +295,7 @@ def summary(report: Dict[str, Any], records: List[Record]) -> str:
                      f"{len(winner['weights'])} checkpoints a weight above 1%.")
     lines += ["", table(report, splits=("holdout",)), ""]
     if report.get("margins"):
-        lines.append(margins_line(report))
-        if selection_line(report):
-            lines += ["", selection_line(report)]
+        lines.append("\n\n".join(holdout_paragraphs(report)))
     sessions = [i for i, r in enumerate(records) if r.get("type") == "session"]
     outcomes = [r for r in records[sessions[-1] if sessions else 0:] if r.get("type") in ("publish", "kept")]
     if outcomes:
