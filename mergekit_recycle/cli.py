@@ -96,9 +96,12 @@ def merge_command() -> click.Command:
 @click.option("--json", "as_json", is_flag=True, help="Print the resolved recipe as JSON.")
 def validate_command(recipe_file: Path, check_tasks: bool, as_json: bool) -> None:
     """Check RECIPE_FILE and print the plan it resolves to."""
+    from mergekit_recycle.architecture import describe_architectures
+    from mergekit_recycle.pool import local_architectures
     from mergekit_recycle.recipe import describe_recipe, load_recipe
 
     recipe = load_recipe(recipe_file)
+    architectures = local_architectures(recipe, recipe_file)
     if check_tasks:
         from mergekit_recycle.evaluate import check_tasks_exist
 
@@ -107,6 +110,7 @@ def validate_command(recipe_file: Path, check_tasks: bool, as_json: bool) -> Non
         click.echo(json.dumps(recipe.model_dump(mode="json"), indent=2))
     else:
         click.echo(describe_recipe(recipe, recipe_file))
+        click.echo(describe_architectures(architectures))
 
 
 @cli.command("demo-pool")
@@ -243,7 +247,7 @@ def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optiona
     if resume_from_hub:
         from mergekit_recycle.hub_state import HubState
 
-        hub_state = HubState.read(destination.repo_id)
+        hub_state = HubState.read(destination.repo_id, destination.private)
     count, increment = budget or (recipe.search.budget, False)
     options = RunOptions(
         run_dir=(run_dir or recipe.output.run_dir).absolute(),

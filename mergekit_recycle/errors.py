@@ -132,6 +132,25 @@ class RunDirError(RecycleError, ValueError):
         return f"{self.run_dir}: {self.message}"
 
 
+class FinalMergeError(RecycleError, RuntimeError):
+    """Merging the winner into RUN_DIR/merged failed; the journal and report keep the search, unfinished.
+
+    ``architecture`` is the pool's, ``tensor`` the tensor mergekit stopped at (None when it named none).
+    """
+
+    def __init__(self, run_dir: Union[str, Path], architecture: str, reason: str, tensor: Optional[str] = None):
+        self.run_dir = Path(run_dir)
+        self.architecture = architecture
+        self.reason = reason
+        self.tensor = tensor
+        super().__init__(f"{self.run_dir}: merging the winner into merged/ failed for {architecture}: {reason}; "
+                         "the search and its report are kept (not finished): fix the cause and rerun the same "
+                         "command to merge again")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 class SearchAbortedError(RecycleError, RuntimeError):
     """Too many candidates failed in a row; the journal keeps everything evaluated so far."""
 

@@ -26,6 +26,17 @@ def api():
     return HfApi(endpoint=constants.ENDPOINT)
 
 
+def ensure_repo(repo_id: str, private: bool) -> str:
+    """Create the model repo when it does not exist yet (private as asked); the head of its main branch.
+
+    Called just before the first commit, never earlier: a run that fails before it has something
+    to push leaves nothing on the Hub.
+    """
+    client = api()
+    client.create_repo(repo_id, private=private, exist_ok=True)
+    return client.repo_info(repo_id).sha
+
+
 def endpoint() -> str:
     from huggingface_hub import constants
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from mergekit_recycle import hub
+from mergekit_recycle.architecture import read_architecture, unsupported_reason
 from mergekit_recycle.errors import PoolError
 from mergekit_recycle.pool import Checkpoint
 from mergekit_recycle.recipe import HubCheckpoints
@@ -51,6 +52,9 @@ class HubResolver:
 
     pins: Mapping[str, Pinned] = field(default_factory=dict)
     trust_remote_code: bool = False
+    # Refuse a checkpoint whose architecture is outside the tested matrix from its config.json,
+    # before its weights are downloaded (the pool check refuses it too, once they are).
+    refuse_untested: bool = False
     pickle_hint: str = "set `allow_pickle: true` on this entry if you trust it"
     _trees: Dict[Tuple[str, str], List[str]] = field(default_factory=dict)
 
@@ -193,6 +197,8 @@ class HubResolver:
                              "run once online", checkpoint.name)
         else:
             files = self._files(entry, checkpoint, refuse)
+            if self.refuse_untested:
+                self._check_architecture(entry, checkpoint, refuse)
             ref = None if pinned else checkpoint.revision
             snapshot = self._call(lambda: hub.download(checkpoint.repo, checkpoint.sha, files, ref), entry, refuse,
                                   checkpoint.sha)
@@ -218,6 +224,19 @@ class HubResolver:
         support = [n for n in names if hub.SUPPORT_FILE.match(n)
                    or (self.trust_remote_code and hub.REMOTE_CODE_FILE.match(n))]
         return [posixpath.join(folder, n) for n in _unique(weights + support)]
+
+    def _check_architecture(self, entry: HubCheckpoints, checkpoint: Checkpoint, refuse) -> None:
+        from huggingface_hub import hf_hub_download
+
+        config = self._call(lambda: hf_hub_download(checkpoint.repo, posixpath.join(checkpoint.subfolder or "", "config.json"),
+                                                    revision=checkpoint.sha, endpoint=hub.endpoint()),
+                            entry, refuse, checkpoint.sha)
+        try:
+            reason = unsupported_reason(read_architecture(Path(config).parent))
+        except (OSError, ValueError) as exc:
+            reason = f"cannot read config.json ({exc})"
+        if reason is not None:
+            raise refuse(reason, checkpoint.name)
 
     def _shards(self, entry: HubCheckpoints, checkpoint: Checkpoint, folder: str, refuse) -> List[str]:
         from huggingface_hub import hf_hub_download

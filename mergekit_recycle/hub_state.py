@@ -84,9 +84,15 @@ def hub_journal_is_behind(repo_id: str, journal: bytes) -> bool:
     return theirs is None or journal.startswith(theirs)
 
 
-def _journal_at_head(repo_id: str) -> Tuple[str, Optional[bytes]]:
-    """The head of the repo's main branch, and recycle/journal.jsonl there (None: no such file)."""
-    head = hub.api().repo_info(repo_id).sha
+def _journal_at_head(repo_id: str) -> Tuple[Optional[str], Optional[bytes]]:
+    """The head of the repo's main branch, and recycle/journal.jsonl there (None: no such file).
+    (None, None) when the repo does not exist yet: the first commit creates it."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        head = hub.api().repo_info(repo_id).sha
+    except RepositoryNotFoundError:
+        return None, None
     return head, _download(repo_id, JOURNAL_FILE, head)
 
 
@@ -107,17 +113,19 @@ class HubState:
     """The search state of one output repo, as this run last read or wrote it."""
 
     repo_id: str
-    head: str  # the commit this run's next commit must follow
+    head: Optional[str]  # the commit this run's next commit must follow; None: the repo does not exist yet
     journal: Optional[bytes]  # recycle/journal.jsonl as the Hub has it at `head`
     search: Optional[bytes]  # recycle/search.json as the Hub has it at `head`
     last_save: float = float("-inf")  # time.monotonic() of this run's latest save
+    private: bool = True  # of the repo the first commit creates, when it does not exist yet
 
     @classmethod
-    def read(cls, repo_id: str) -> "HubState":
-        """The state at the head of repo_id's main branch; empty when the repo keeps none yet."""
+    def read(cls, repo_id: str, private: bool = True) -> "HubState":
+        """The state at the head of repo_id's main branch; empty when the repo keeps none yet, or does not exist."""
         try:
             head, journal = _journal_at_head(repo_id)
-            return cls(repo_id=repo_id, head=head, journal=journal, search=_download(repo_id, SEARCH_FILE, head))
+            search = _download(repo_id, SEARCH_FILE, head) if head is not None else None
+            return cls(repo_id=repo_id, head=head, journal=journal, search=search, private=private)
         except Exception as exc:  # noqa: BLE001 - one line, before anything is computed
             raise HubStateError(repo_id, hub.failure(exc, repo_id, offline_hint=False)) from None
 
@@ -215,6 +223,8 @@ class HubState:
         """
         from huggingface_hub.errors import HfHubHTTPError
 
+        if self.head is None:
+            self.head = hub.ensure_repo(self.repo_id, self.private)
         for _ in range(3):
             try:
                 info = make(self.head)
@@ -239,7 +249,7 @@ class HubState:
 
     def published_report(self) -> Optional[Record]:
         """recycle/report.json of the model the repo holds (None before the first model revision)."""
-        data = _download(self.repo_id, REPORT_FILE, self.head)
+        data = _download(self.repo_id, REPORT_FILE, self.head) if self.head is not None else None
         if data is None:
             return None
         try:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -34,7 +35,8 @@ from mergekit_recycle import constants
 from mergekit_recycle.baselines import baseline_merges
 from mergekit_recycle.candidate import SPLITS, CandidateEvaluator, Split
 from mergekit_recycle.config_files import write_atomically
-from mergekit_recycle.errors import ConfigFileError, HubStateError, RunDirError, SearchAbortedError
+from mergekit_recycle.errors import (ConfigFileError, FinalMergeError, HubStateError, RecycleError, RunDirError,
+                                     SearchAbortedError)
 from mergekit_recycle.hub import PICKLE_FILE
 from mergekit_recycle.journal import JOURNAL, Journal, now
 from mergekit_recycle.mergekit_yaml import write_merge_config
@@ -632,7 +634,11 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
 
 
 def merge_winner(run_dir: Path, device: str, trust_remote_code: bool = False) -> Path:
-    """Merge winner.yaml to RUN_DIR/merged with mergekit (lazy loading; CUDA when the run uses a GPU)."""
+    """Merge winner.yaml to RUN_DIR/merged with mergekit (lazy loading; CUDA when the run uses a GPU).
+
+    A merge that fails leaves no merged.partial/ behind, journals the failure (the report is then not
+    finished) and raises FinalMergeError, one line naming the architecture and the tensor.
+    """
     from mergekit.options import MergeOptions
     from transformers.utils import logging as transformers_logging
 
@@ -650,8 +656,35 @@ def merge_winner(run_dir: Path, device: str, trust_remote_code: bool = False) ->
         merge_yaml(run_dir / "winner.yaml", partial,
                    MergeOptions(cuda=device.startswith("cuda"), lazy_unpickle=True, copy_tokenizer=True, quiet=True,
                                 trust_remote_code=trust_remote_code))
+    except RecycleError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    except Exception as exc:  # noqa: BLE001 - mergekit and torch raise many kinds; each ends as one line
+        shutil.rmtree(partial, ignore_errors=True)
+        raise _merge_failed(run_dir, exc) from None
     finally:
         transformers_logging.set_verbosity(verbosity)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(partial, target)
     return target
+
+
+def _merge_failed(run_dir: Path, exc: Exception) -> FinalMergeError:
+    """Journal a failed merge of the winner and rewrite the report (not finished); the error to raise."""
+    from mergekit_recycle.architecture import read_architecture
+    from mergekit_recycle.report import build_report, write_report
+
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    named = re.search(r"[Tt]ensor ([\w.\-]+)", reason)
+    tensor = named.group(1) if named else None
+    journal = Journal(run_dir / JOURNAL)
+    runs = journal.of_type("run")
+    try:
+        architecture = read_architecture(Path(runs[0]["checkpoints"][0]["path"]))
+    except (OSError, ValueError, IndexError, KeyError):
+        architecture = "the pool's architecture"
+    error = FinalMergeError(run_dir, architecture, f"{type(exc).__name__}: {reason}", tensor)
+    journal.append({"type": "merge_failed", "time": now(), "architecture": architecture, "tensor": tensor,
+                    "error": error.reason})
+    write_report(run_dir, build_report(journal.records), journal.records)
+    return error

@@ -5,12 +5,13 @@ and a pinned source. Local folders resolve to themselves; Hub entries are resolv
 pinned to commit SHAs and downloaded by hub_pool.py, into the same kind of `Checkpoint`
 (a folder on disk), so nothing downstream knows where a checkpoint came from.
 
-Before anything is evaluated, every checkpoint is checked against the first: the same
-architecture, the same tensor names and the same shapes, read from config.json and the
-safetensors headers (no tensor is loaded).
+Before anything is evaluated, every checkpoint is checked against the first: an architecture
+of the tested matrix (architecture.py), the same tensor names and the same shapes, read from
+config.json and the safetensors headers (no tensor is loaded). Tensors the model does not load
+(buffers transformers recomputes, such as old GPT-NeoX files' attention masks) are left out of
+the comparison and of every merge; a model parameter that no tensor would write is refused.
 """
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -18,6 +19,7 @@ from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
 from pydantic import BaseModel, ConfigDict
 from safetensors import safe_open
 
+from mergekit_recycle.architecture import read_architecture, tensor_map, unsupported_reason
 from mergekit_recycle.errors import PoolError
 from mergekit_recycle.recipe import HubCheckpoints, LocalCheckpoint, PoolEntry, Recipe
 
@@ -66,14 +68,25 @@ class Checkpoint(BaseModel):
 
 
 class TensorLayout(BaseModel):
-    """What every checkpoint of a pool shares: architecture, tensor names, shapes and dtypes."""
+    """What every checkpoint of a pool shares: architecture, the tensors a merge reads (names,
+    shapes, dtypes), and where the model loads them."""
 
     model_config = ConfigDict(frozen=True)
 
     architecture: str
     shapes: Dict[str, Tuple[int, ...]]
     dtypes: Dict[str, str]
-    nbytes: int  # of one checkpoint's tensors as stored
+    nbytes: int  # of one checkpoint's merged tensors as stored
+    # checkpoint tensor -> the model's state-dict key (see architecture.TensorMap); None before it was mapped
+    targets: Optional[Dict[str, str]] = None
+    left_out: Tuple[str, ...] = ()  # tensors of the first checkpoint the model does not load
+
+    def restricted(self, names: List[str], targets: Dict[str, str], left_out: Tuple[str, ...]) -> "TensorLayout":
+        """The layout of the tensors a merge reads."""
+        return self.model_copy(update={
+            "shapes": {n: self.shapes[n] for n in names}, "dtypes": {n: self.dtypes[n] for n in names},
+            "nbytes": sum(_nbytes(self.shapes[n], self.dtypes[n]) for n in names),
+            "targets": targets, "left_out": left_out})
 
 
 class Pool(BaseModel):
@@ -129,10 +142,9 @@ def _read_layout(checkpoint: Checkpoint, source: Path) -> TensorLayout:
         return PoolError(source, checkpoint.location, str(checkpoint.path), message, tensor=tensor)
 
     try:
-        config = json.loads((checkpoint.path / "config.json").read_text(encoding="utf-8"))
+        architecture = read_architecture(checkpoint.path)
     except (OSError, ValueError) as exc:
         raise refuse(f"cannot read config.json ({exc})") from None
-    architecture = ",".join(config.get("architectures") or [config.get("model_type") or "unknown"])
     try:
         index = ShardedTensorIndex.from_disk(str(checkpoint.path))
     except (RuntimeError, OSError, ValueError) as exc:
@@ -145,10 +157,7 @@ def _read_layout(checkpoint: Checkpoint, source: Path) -> TensorLayout:
         try:
             for key, shape, dtype in _tensor_headers(checkpoint.path / shard.filename, index.is_safetensors):
                 shapes[key], dtypes[key] = shape, dtype
-                count = 1
-                for size in shape:
-                    count *= size
-                nbytes += count * _DTYPE_BYTES.get(dtype, 4)
+                nbytes += _nbytes(shape, dtype)
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
             raise refuse(f"cannot read {shard.filename} ({type(exc).__name__}: {exc})") from None
     return TensorLayout(architecture=architecture, shapes=shapes, dtypes=dtypes, nbytes=nbytes)
@@ -185,10 +194,51 @@ _SAFETENSORS_DTYPES = _safetensors_dtypes()
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def check_compatible(checkpoints: List[Checkpoint], source: Path) -> TensorLayout:
-    """The layout every checkpoint shares; PoolError naming the first checkpoint and tensor that differ."""
+def _nbytes(shape: Tuple[int, ...], dtype: str) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count * _DTYPE_BYTES.get(dtype, 4)
+
+
+def model_skeleton(checkpoint: Checkpoint, trust_remote_code: bool = False):
+    """The model transformers builds from a checkpoint's config.json, on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _skeleton_for(checkpoint: Checkpoint, source: Path, trust_remote_code: bool):
+    try:
+        return model_skeleton(checkpoint, trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a config it cannot build
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        raise PoolError(source, checkpoint.location, str(checkpoint.path),
+                        f"transformers cannot build a causal LM from its config.json ({type(exc).__name__}: {reason})") from None
+
+
+def check_compatible(checkpoints: List[Checkpoint], source: Path, trust_remote_code: bool = False,
+                     allow_untested: bool = False) -> TensorLayout:
+    """The layout every checkpoint shares (of the tensors the model loads); PoolError naming the first
+    checkpoint and tensor that differ, or a parameter no tensor writes."""
     reference = checkpoints[0]
     layout = _read_layout(reference, source)
+    unsupported = unsupported_reason(layout.architecture)
+    if unsupported is not None and not allow_untested:
+        raise PoolError(source, reference.location, str(reference.path), unsupported)
+    skeleton = _skeleton_for(reference, source, trust_remote_code)
+
+    def loaded(full: TensorLayout, checkpoint: Checkpoint) -> TensorLayout:
+        mapped = tensor_map(skeleton, full.shapes)
+        refusal = mapped.refusal()
+        if refusal is not None:
+            raise PoolError(source, checkpoint.location, str(checkpoint.path), refusal, tensor=mapped.unwritten[0])
+        return full.restricted([n for n in full.shapes if n in mapped.targets], mapped.targets, mapped.left_out)
+
+    layout = loaded(layout, reference)
     for checkpoint in checkpoints[1:]:
         other = _read_layout(checkpoint, source)
 
@@ -199,6 +249,7 @@ def check_compatible(checkpoints: List[Checkpoint], source: Path) -> TensorLayou
 
         if other.architecture != layout.architecture:
             raise refuse(f"architecture {other.architecture}")
+        other = loaded(other, checkpoint)
         for tensor in layout.shapes:
             if tensor not in other.shapes:
                 raise refuse(f"tensor {tensor} is missing", tensor) from None
@@ -215,6 +266,24 @@ def _describe(layout: TensorLayout, tensor: str) -> str:
     return f"shape {list(layout.shapes[tensor])}" if tensor in layout.shapes else "no such tensor"
 
 
+def local_architectures(recipe: Recipe, source: Path) -> Dict[str, str]:
+    """recipe field -> the architecture of each local checkpoint (pool and anchor), read from config.json alone;
+    PoolError for one outside the tested matrix unless the recipe allows it. Hub entries are checked as they are pulled."""
+    entries = [(f"pool[{i}]", entry) for i, entry in enumerate(recipe.pool)] + [("base", recipe.base)]
+    found = {}
+    for location, entry in entries:
+        if not isinstance(entry, LocalCheckpoint):
+            continue
+        try:
+            found[location] = read_architecture(entry.path)
+        except (OSError, ValueError) as exc:
+            raise PoolError(source, location, str(entry.path), f"cannot read config.json ({exc})") from None
+        reason = unsupported_reason(found[location])
+        if reason is not None and not recipe.merge.allow_untested_architecture:
+            raise PoolError(source, location, str(entry.path), reason)
+    return found
+
+
 def resolve_pool(recipe: Recipe, source: Path, pins: Optional[Mapping[str, Any]] = None,
                  resolvers: Optional[Dict[type, Resolver]] = None) -> Pool:
     """Resolve every pool entry (and the anchor) to checkpoints, and check they can be merged.
@@ -224,7 +293,8 @@ def resolve_pool(recipe: Recipe, source: Path, pins: Optional[Mapping[str, Any]]
     """
     from mergekit_recycle.hub_pool import HubResolver
 
-    hub_resolver = HubResolver(pins=pins or {}, trust_remote_code=recipe.merge.trust_remote_code)
+    hub_resolver = HubResolver(pins=pins or {}, trust_remote_code=recipe.merge.trust_remote_code,
+                               refuse_untested=not recipe.merge.allow_untested_architecture)
     resolvers = {LocalCheckpoint: resolve_local, HubCheckpoints: hub_resolver, **(resolvers or {})}
     checkpoints: List[Checkpoint] = []
     for index, entry in enumerate(recipe.pool):
@@ -241,7 +311,7 @@ def resolve_pool(recipe: Recipe, source: Path, pins: Optional[Mapping[str, Any]]
     members = {checkpoint.path for checkpoint in checkpoints}
     anchor_outside = [checkpoint for checkpoint in base if checkpoint.path not in members]
     named = _unique_names(checkpoints + anchor_outside)
-    layout = check_compatible(named, source)
+    layout = check_compatible(named, source, recipe.merge.trust_remote_code, recipe.merge.allow_untested_architecture)
     pool_part = named[: len(checkpoints)]
     if anchor_outside:
         base_checkpoint: Optional[Checkpoint] = named[-1]

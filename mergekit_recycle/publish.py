@@ -42,9 +42,10 @@ class Destination:
 
 
 def check_push_access(repo_id: Optional[str], private: bool, default_name: str) -> Destination:
-    """Check the token can write and create the repo (or find it), before any work is done.
+    """Check the token can write to the repo, or create it in its namespace, before any work is done.
 
-    `repo_id` None means `<user>/<default_name>`.
+    `repo_id` None means `<user>/<default_name>`. A repo that does not exist yet is created only
+    with the first commit (hub.ensure_repo), so a run that fails first leaves no empty repo.
     """
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -67,25 +68,7 @@ def check_push_access(repo_id: Optional[str], private: bool, default_name: str) 
     user = who["name"]
     target = repo_id or f"{user}/{default_name}"
     _check_write_permission(who, target)
-    try:
-        client.create_repo(target, private=private)
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
-        # 409: it exists. 401/403: the token may not create repos, which is fine for one that exists
-        # (a token scoped to that repo); the checks above said whether it may write there.
-        if status not in (401, 403, 409) or (status != 409 and not _exists(client, target)):
-            raise HubAccessError(target, hub.failure(exc, target, offline_hint=False)) from None
-    except Exception as exc:  # noqa: BLE001
-        raise HubAccessError(target, hub.failure(exc, target, offline_hint=False)) from None
     return Destination(repo_id=target, private=private, user=user)
-
-
-def _exists(client, repo_id: str) -> bool:
-    try:
-        client.repo_info(repo_id)
-    except Exception:  # noqa: BLE001 - missing, or not readable with this token: not a repo it can push to
-        return False
-    return True
 
 
 def _check_write_permission(who: Dict[str, Any], repo_id: str) -> None:
@@ -140,6 +123,12 @@ def publish(run_dir: Path, destination: Destination, say: Callable[[str], None] 
 
     with locked(run_dir):
         try:
+            check_publishable(run_dir)
+            try:
+                hub.ensure_repo(destination.repo_id, destination.private)
+            except Exception as exc:  # noqa: BLE001 - one line, the run folder untouched
+                raise PublishError(run_dir, destination.repo_id, hub.failure(exc, destination.repo_id,
+                                                                           offline_hint=False)) from None
             # Outside a --resume-from-hub run, the search state goes along only where it loses nothing:
             # publishing an older run folder must not roll back a nightly search kept in the repo.
             with_state = parent_commit is not None or _state_is_behind(run_dir, destination.repo_id)

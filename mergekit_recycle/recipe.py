@@ -255,6 +255,8 @@ class MergeSettings(Frozen):
     device: Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     # Code shipped with a checkpoint runs only where the recipe's author says so.
     trust_remote_code: StrictBool = False
+    # Architectures outside the tested matrix (architecture.SUPPORTED) are refused unless this is set.
+    allow_untested_architecture: StrictBool = False
 
 
 class OutputSettings(Frozen):

@@ -105,6 +105,9 @@ def build_report(records: List[Record]) -> Dict[str, Any]:
     evaluated = [r for r in proposals if r["reused"] is None]
     position = {id(record): index for index, record in enumerate(records)}
     since = position[id(sessions[-1])] if sessions else -1
+    # A finish is undone by a failed merge of the winner after it: the run ends only with merged/ written.
+    failed_merge = next((r for r in reversed(records) if r.get("type") == "merge_failed"), None)
+    merge_failed = bool(finishes) and failed_merge is not None and position[id(failed_merge)] > position[id(finishes[-1])]
     report: Dict[str, Any] = {
         "recipe": run["recipe"],
         "fingerprint": run["fingerprint"],
@@ -112,7 +115,8 @@ def build_report(records: List[Record]) -> Dict[str, Any]:
         "session_evaluations": sum(1 for r in evaluated if position[id(r)] > since),
         "budget": sessions[-1]["budget"] if sessions else None,
         # Finished when the last session reached its end; a running or killed one has not.
-        "finished": bool(finishes) and records.index(finishes[-1]) > records.index(sessions[-1]) if sessions else False,
+        "finished": (bool(finishes) and records.index(finishes[-1]) > records.index(sessions[-1]) and not merge_failed
+                     if sessions else False),
         "stopped_early": bool(finishes) and finishes[-1]["stopped_early"],
         "failed": sum(1 for r in evaluated if r["status"] != "ok"),
         "proposals": len(proposals),
@@ -122,6 +126,8 @@ def build_report(records: List[Record]) -> Dict[str, Any]:
         "pareto": [{"name": r["name"], "search": _scores(r), "weights": r["weights"], "scale": r["scale"]}
                    for r in pareto_front(records, tasks)],
     }
+    if merge_failed:
+        report["merge_error"] = failed_merge["error"]
     if winner is not None:
         report["winner"] = {"from": selection["winner"] if selection else winner["name"],
                             "kind": selection["kind"] if selection else winner["kind"],
@@ -263,6 +269,8 @@ def markdown(report: Dict[str, Any]) -> str:
                  f"{report['proposals']} proposals in all (the others repeated a merge already scored)."
                  + (" The time budget stopped the search early." if report.get("stopped_early") else "")
                  + ("" if report.get("finished") else " The run has not finished: the winner so far is shown."))
+    if report.get("merge_error"):
+        lines += ["", f"Merging the winner into merged/ failed: {report['merge_error']}"]
     lines += ["", "## Search and holdout scores", "", table(report), ""]
     if "margins" in report:
         lines.append("\n\n".join(holdout_paragraphs(report)))

@@ -26,6 +26,7 @@ from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 from mergekit.merge_methods.api import merge_state_dicts
 
 from mergekit_recycle import constants
+from mergekit_recycle.architecture import tensor_map
 from mergekit_recycle.constants import RECYCLE_LINEAR
 from mergekit_recycle.errors import PoolError, SettingError
 from mergekit_recycle.pool import Pool
@@ -80,8 +81,11 @@ def load_resident_model(pool: Pool, dtype: str, device: str, trust_remote_code: 
 class ResidentMerger:
     """Writes the merge of a proposal into `model`'s parameters, in place.
 
-    Only the model's own tensors are merged: checkpoint tensors the model does not have (old
-    rotary `inv_freq` buffers, say) are left out, as the model recomputes them.
+    Each checkpoint tensor goes where transformers loads it (architecture.tensor_map: GPT-NeoX's
+    `embed_out.weight` into `lm_head.weight`); a tied parameter is written once and stays tied.
+    Checkpoint tensors the model does not load (old rotary `inv_freq` buffers, attention masks) are
+    left out, as the model recomputes them. A model parameter that no tensor writes is refused
+    before anything is evaluated: it would keep the first checkpoint's values in every candidate.
     """
 
     def __init__(self, pool: Pool, model: torch.nn.Module, dtype: str, in_memory: Optional[bool] = None):
@@ -89,9 +93,13 @@ class ResidentMerger:
         self.dtype = TORCH_DTYPES[dtype]
         self.in_memory = pool_fits_in_memory(pool) if in_memory is None else in_memory
         self.targets = model.state_dict()  # views of the parameters: copying into them updates the model
-        self.names = [name for name in pool.layout.shapes if name in self.targets]
+        mapped = tensor_map(model, pool.layout.shapes)
+        first = pool.checkpoints[0]
+        if mapped.refusal() is not None:
+            raise PoolError(pool.source, first.location, str(first.path), mapped.refusal(), tensor=mapped.unwritten[0])
+        self.destination = mapped.targets  # checkpoint tensor -> the model's name for it
+        self.names = [name for name in pool.layout.shapes if name in self.destination]
         if not self.names:
-            first = pool.checkpoints[0]
             raise PoolError(pool.source, first.location, str(first.path),
                             f"none of its tensors is a parameter of the {pool.layout.architecture} model built from it")
         self.device = next(model.parameters()).device
@@ -143,4 +151,4 @@ class ResidentMerger:
                 dtype=self.dtype,
             )
             for name, tensor in merged.items():
-                self.targets[name].copy_(tensor)
+                self.targets[self.destination[name]].copy_(tensor)

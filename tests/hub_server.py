@@ -245,6 +245,10 @@ class HubServer:
 
     # ------------------------------------------------------------------ direct state setup
 
+    def exists(self, repo_id: str) -> bool:
+        with self._lock:
+            return repo_id in self._repos
+
     def create_repo(self, repo_id: str, private: bool = False) -> None:
         """Create an empty repo (main holds the initial .gitattributes commit, as on the Hub)."""
         with self._lock:

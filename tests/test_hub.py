@@ -388,3 +388,36 @@ def test_the_hub_example_recipe_is_valid(tmp_path):
     result = run_cli("validate", str(example))  # its task names are looked up in lm-eval (~15 s)
     assert result.returncode == 0, result.stderr
     assert "hub " in result.stdout
+
+
+def tiny_falcon(folder: Path, seed: int = 0) -> Path:
+    """A Falcon checkpoint: outside the tested architectures, and mergekit 0.1.5 cannot merge it to disk."""
+    from mergekit_recycle.demo_pool import char_tokenizer, save_checkpoint, tiny_causal_lm
+
+    tokenizer = char_tokenizer()
+    return save_checkpoint(tiny_causal_lm(tokenizer, seed, "falcon"), tokenizer, folder)
+
+
+def test_an_untested_architecture_is_refused_from_its_config_before_its_weights_are_downloaded(hub, small_pool, tmp_path):
+    hub.create_repo("lab/tiny-falcon")
+    hub.commit("lab/tiny-falcon", {**files_of(tiny_falcon(tmp_path / "falcon")),
+                                   **files_of(tiny_falcon(tmp_path / "falcon-b", seed=1), "b/")})
+    session = Session(hub, tmp_path / "hf-home")
+    entries = [{"repo": "lab/tiny-falcon"}, {"repo": "lab/tiny-falcon", "subfolders": ["b"]}]
+    result = session.run("pull", str(write_recipe(tmp_path, small_pool, entries)))
+    assert result.returncode == 2 and len(lines(result.stderr)) == 1, result.stderr
+    assert "pool[0]" in result.stderr and "architecture FalconForCausalLM is not one" in result.stderr
+    assert list((tmp_path / "hf-home").rglob("config.json")) and not list((tmp_path / "hf-home").rglob("*.safetensors"))
+
+
+def test_a_failed_final_merge_leaves_nothing_on_the_hub(hub, small_pool, tmp_path):
+    pool = [{"path": str(tiny_falcon(tmp_path / f"falcon-{seed}", seed))} for seed in range(2)]
+    recipe = write_recipe(tmp_path, small_pool, pool, hub_repo="alice/falcon-run")
+    data = yaml.safe_load(recipe.read_text())
+    data["merge"] = {"device": "cpu", "allow_untested_architecture": True}
+    data["search"].update(budget=2, population=2)
+    recipe.write_text(yaml.safe_dump(data))
+    result = Session(hub, tmp_path / "hf-home").run("optimize", str(recipe), "--quiet")
+    assert result.returncode == 1 and len(lines(result.stderr)) == 1, result.stderr
+    assert "merging the winner into merged/ failed for FalconForCausalLM" in result.stderr
+    assert not hub.exists("alice/falcon-run")

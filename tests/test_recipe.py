@@ -205,7 +205,7 @@ def test_demo_pool_recipe_and_repo_recipe_agree(tmp_path):
     toy_pool = tmp_path / ".toy-pool"
     for run in demo_pool.PLANS["default"].post_training:
         (toy_pool / run.name).mkdir(parents=True)
-        (toy_pool / run.name / "config.json").write_text("{}")
+        (toy_pool / run.name / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     (toy_pool / "tasks").mkdir()
     (toy_pool / "recipe.yaml").write_text(demo_pool.plan_recipe(demo_pool.PLANS["default"]))
     demo_pool.write_tasks(toy_pool / "tasks", demo_pool.evaluation_examples(seed=0, dev_size=5, test_size=5))

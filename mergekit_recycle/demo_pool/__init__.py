@@ -23,14 +23,16 @@ from mergekit_recycle.demo_pool.build import (
     recipe_text,
     summary_table,
 )
-from mergekit_recycle.demo_pool.model import ARCHITECTURES, char_tokenizer, save_checkpoint, tiny_llama, tiny_model
+from mergekit_recycle.demo_pool.model import (ARCHITECTURES, char_tokenizer, save_checkpoint, tiny_causal_lm, tiny_llama,
+                                             tiny_model)
 from mergekit_recycle.demo_pool.skills import SKILLS, make_examples
-from mergekit_recycle.demo_pool.tasks import SkillTasks, evaluation_examples, write_tasks
+from mergekit_recycle.demo_pool.tasks import SkillTasks, evaluation_examples, skill_tasks, write_tasks
 from mergekit_recycle.demo_pool.training import TrainingRun
 
 __all__ = [
     "ARCHITECTURES", "BASE_NAME", "DEFAULT_DESIGN", "DESIGN_PLAN", "DESIGNS", "MANIFEST", "PLANS", "SIZES", "PoolPlan",
     "PoolSummary", "SKILLS", "SkillTasks", "TrainingRun", "build_pool", "evaluation_examples", "plan_for", "plan_recipe",
-    "char_tokenizer", "make_examples", "read_summary", "recipe_text", "save_checkpoint", "summary_table", "tiny_llama",
+    "char_tokenizer", "make_examples", "read_summary", "recipe_text", "save_checkpoint", "skill_tasks", "summary_table",
+    "tiny_causal_lm", "tiny_llama",
     "tiny_model", "write_tasks",
 ]

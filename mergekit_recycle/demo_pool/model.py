@@ -76,3 +76,30 @@ def save_checkpoint(model, tokenizer, directory: Path) -> Path:
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+# Per transformers model_type: what a tiny config of it needs beyond the shared sizes. The
+# architecture matrix (architecture.SUPPORTED) is tested with tiny checkpoints of each.
+_TINY_OVERRIDES = {
+    "qwen2": {"tie_word_embeddings": True},  # as Qwen2.5's small models
+    "mistral": {"sliding_window": None},
+    "gemma2": {"head_dim": 8},
+    "gpt_neox": {"tie_word_embeddings": False},
+}
+
+
+def tiny_causal_lm(tokenizer, seed: int, model_type: str, hidden_size: int = 32, layers: int = 2):
+    """A freshly initialised causal LM of any transformers `model_type` (hidden size ≤ 64), built from
+    a config alone, offline: 4 attention heads (2 key-value heads where the architecture has them)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **_TINY_OVERRIDES.get(model_type, {}),
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
