@@ -255,3 +255,14 @@ def test_a_mixture_of_experts_is_refused_naming_the_parameters_nothing_writes(ta
     assert "pool[0]" in message and "the MixtralForCausalLM model has parameters no checkpoint tensor writes: " \
         "model.layers.0.mlp.experts.gate_up_proj" in message and "transformers converts" in message
     assert "\n" not in message
+
+
+def test_the_readme_lists_the_tested_matrix_and_its_corrections():
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Architectures\n")[1].split("\n### ")[0]
+    rows = re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^|]*) \|$", section, re.M)
+    assert [name for name, _ in rows] == list(SUPPORTED)
+    assert [name for name, correction in rows if correction.strip()] == [
+        name for name, architecture in SUPPORTED.items() if architecture.correction]

@@ -421,3 +421,56 @@ def test_a_failed_final_merge_leaves_nothing_on_the_hub(hub, small_pool, tmp_pat
     assert result.returncode == 1 and len(lines(result.stderr)) == 1, result.stderr
     assert "merging the winner into merged/ failed for FalconForCausalLM" in result.stderr
     assert not hub.exists("alice/falcon-run")
+
+
+def test_a_pythia_style_pool_from_the_hub_scores_what_it_merges(hub, small_pool, tmp_path):
+    """GPT-NeoX checkpoints on step* branches (one in Pythia's own layout, with the buffers transformers 5 no
+    longer saves) and fine-tunes in subfolders: every checkpoint's journaled scores are lm-eval's on its folder,
+    and the winner merges to merged/ (the issue: the output head was never merged, the final merge failed)."""
+    import lm_eval.evaluator
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager, get_task_dict
+    from safetensors.torch import save_file
+
+    from mergekit_recycle.demo_pool import char_tokenizer, save_checkpoint, tiny_causal_lm
+
+    tokenizer = char_tokenizer()
+    folders = {}
+    for seed, name in enumerate(["step1000", "step2000", "checkpoint-1", "checkpoint-2"]):
+        folders[name] = save_checkpoint(tiny_causal_lm(tokenizer, seed, "gpt_neox"), tokenizer, tmp_path / "neox" / name)
+    weights = folders["step1000"] / "model.safetensors"
+    old = load_file(weights)
+    for layer in range(2):
+        old[f"gpt_neox.layers.{layer}.attention.bias"] = torch.tril(torch.ones(64, 64, dtype=torch.bool)).view(1, 1, 64, 64)
+        old[f"gpt_neox.layers.{layer}.attention.masked_bias"] = torch.tensor(-1e9)
+    save_file(old, weights, metadata={"format": "pt"})
+    hub.create_repo("lab/tiny-pythia")
+    for branch in ("step1000", "step2000"):
+        hub.create_branch("lab/tiny-pythia", branch)
+        hub.commit("lab/tiny-pythia", files_of(folders[branch]), branch=branch)
+    hub.create_repo("lab/tiny-pythia-sft")
+    hub.commit("lab/tiny-pythia-sft", {**files_of(folders["checkpoint-1"], "checkpoint-1/"),
+                                       **files_of(folders["checkpoint-2"], "checkpoint-2/")})
+    recipe = write_recipe(tmp_path, small_pool, [{"repo": "lab/tiny-pythia", "revisions": ["step*"]},
+                                                 {"repo": "lab/tiny-pythia-sft", "subfolders": ["checkpoint-*"]}])
+    data = yaml.safe_load(recipe.read_text())
+    data["search"].update(budget=2, population=2)
+    data["selection"] = {"holdback": 0}  # the search scores every document: comparable with lm-eval's own
+    data["merge"] = {"device": "cpu"}
+    recipe.write_text(yaml.safe_dump(data))
+    result = Session(hub, tmp_path / "hf-home").run("optimize", str(recipe), "--quiet", "--no-push")
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "run"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["finished"] and (run_dir / "merged" / "model.safetensors").is_file()
+    run = json.loads((run_dir / "journal.jsonl").read_text().splitlines()[0])
+    paths = {checkpoint["name"]: checkpoint["path"] for checkpoint in run["checkpoints"]}
+    assert len(paths) == 4
+    tasks = {task["name"]: task["search"] for task in data["tasks"]}
+    manager = TaskManager(include_path=str(small_pool[0] / "tasks"), include_defaults=False)
+    for row in (r for r in report["rows"] if r["kind"] == "checkpoint"):
+        results = lm_eval.evaluator.evaluate(HFLM(pretrained=paths[row["name"]], batch_size=16, device="cpu"),
+                                             get_task_dict(list(tasks.values()), manager), bootstrap_iters=0,
+                                             verbosity="ERROR")
+        assert {name: row["search"][name] for name in tasks} == {
+            name: results["results"][task]["acc,none"] for name, task in tasks.items()}, row["name"]
