@@ -262,7 +262,7 @@ def test_the_readme_lists_the_tested_matrix_and_its_corrections():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme.split("### Architectures\n")[1].split("\n### ")[0]
-    rows = re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^|]*) \|$", section, re.M)
+    rows = re.findall(r"^\| `(\w+)` \|[^|]+\|([^|]*)\|$", section, re.M)
     assert [name for name, _ in rows] == list(SUPPORTED)
     assert [name for name, correction in rows if correction.strip()] == [
         name for name, architecture in SUPPORTED.items() if architecture.correction]
