@@ -189,12 +189,16 @@ def falcon_pool(tasks_dir, tmp_path_factory) -> Path:
 
 
 def test_an_untested_architecture_is_refused_with_one_line_by_validate_and_optimize(falcon_pool, tmp_path):
-    for command in (["validate", str(falcon_pool / "recipe.yaml")],
-                    ["optimize", str(falcon_pool / "recipe.yaml"), "--run-dir", str(tmp_path / "run")]):
-        result = run_cli(*command)
-        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-        assert "pool[0]" in result.stderr and "architecture FalconForCausalLM is not one mergekit-recycle has tested" \
-            in result.stderr and "merge.allow_untested_architecture: true" in result.stderr
+    from mergekit_recycle.errors import PoolError
+
+    result = run_cli("validate", str(falcon_pool / "recipe.yaml"))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    with pytest.raises(PoolError) as refused:  # what optimize prints, through the same one-line handler
+        optimize(load_recipe(falcon_pool / "recipe.yaml"), falcon_pool / "recipe.yaml",
+                 RunOptions(run_dir=tmp_path / "run", budget=2, seed=0, device="cpu"))
+    for message in (result.stderr, str(refused.value)):
+        assert "pool[0]" in message and "architecture FalconForCausalLM is not one mergekit-recycle has tested" \
+            in message and "merge.allow_untested_architecture: true" in message
     assert not (tmp_path / "run").exists()
 
 
@@ -205,11 +209,20 @@ def test_a_final_merge_that_fails_is_reported_as_a_failure_and_a_rerun_tries_aga
     run_dir = tmp_path / "run"
     validated = run_cli("validate", str(recipe), "--no-check-tasks")
     assert validated.returncode == 0 and "FalconForCausalLM (pool[0], pool[1]): NOT tested" in validated.stdout
-    for attempt in (1, 2):
-        result = run_cli("optimize", str(recipe), "--run-dir", str(run_dir), "--quiet")
-        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-        assert "merging the winner into merged/ failed for FalconForCausalLM" in result.stderr
-        assert "Tensor transformer.h.0.ln_attn" in result.stderr and "unexpected" not in result.stderr
+    from mergekit_recycle.errors import FinalMergeError
+
+    for attempt in (1, 2):  # the command, then the same run again from Python: it merges again, and fails again
+        if attempt == 1:
+            result = run_cli("optimize", str(recipe), "--run-dir", str(run_dir), "--quiet")
+            assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+            message = result.stderr
+        else:
+            with pytest.raises(FinalMergeError) as failed:
+                optimize(load_recipe(recipe), recipe, RunOptions(run_dir=run_dir, budget=2, seed=0, device="cpu"))
+            message = str(failed.value)
+            assert failed.value.architecture == "FalconForCausalLM" and "ln_attn" in failed.value.tensor
+        assert "merging the winner into merged/ failed for FalconForCausalLM" in message
+        assert "Tensor transformer.h.0.ln_attn" in message and "unexpected" not in message
         report = json.loads((run_dir / "report.json").read_text())
         assert report["finished"] is False and "ln_attn" in report["merge_error"] and report["evaluations"] == 2
         assert "Merging the winner into merged/ failed" in (run_dir / "report.md").read_text()
