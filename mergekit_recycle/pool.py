@@ -19,7 +19,7 @@ from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
 from pydantic import BaseModel, ConfigDict
 from safetensors import safe_open
 
-from mergekit_recycle.architecture import read_architecture, tensor_map, unsupported_reason
+from mergekit_recycle.architecture import TensorMap, read_architecture, tensor_map, unsupported_reason
 from mergekit_recycle.errors import PoolError
 from mergekit_recycle.recipe import HubCheckpoints, LocalCheckpoint, PoolEntry, Recipe
 
@@ -220,6 +220,14 @@ def _skeleton_for(checkpoint: Checkpoint, source: Path, trust_remote_code: bool)
                         f"transformers cannot build a causal LM from its config.json ({type(exc).__name__}: {reason})") from None
 
 
+def check_written(mapped: TensorMap, checkpoint: Checkpoint, source: Path) -> TensorMap:
+    """`mapped`, when every model parameter is written by a tensor; else PoolError naming the parameters."""
+    refusal = mapped.refusal()
+    if refusal is not None:
+        raise PoolError(source, checkpoint.location, str(checkpoint.path), refusal, tensor=mapped.unwritten[0])
+    return mapped
+
+
 def check_compatible(checkpoints: List[Checkpoint], source: Path, trust_remote_code: bool = False,
                      allow_untested: bool = False) -> TensorLayout:
     """The layout every checkpoint shares (of the tensors the model loads); PoolError naming the first
@@ -232,10 +240,7 @@ def check_compatible(checkpoints: List[Checkpoint], source: Path, trust_remote_c
     skeleton = _skeleton_for(reference, source, trust_remote_code)
 
     def loaded(full: TensorLayout, checkpoint: Checkpoint) -> TensorLayout:
-        mapped = tensor_map(skeleton, full.shapes)
-        refusal = mapped.refusal()
-        if refusal is not None:
-            raise PoolError(source, checkpoint.location, str(checkpoint.path), refusal, tensor=mapped.unwritten[0])
+        mapped = check_written(tensor_map(skeleton, full.shapes), checkpoint, source)
         return full.restricted([n for n in full.shapes if n in mapped.targets], mapped.targets, mapped.left_out)
 
     layout = loaded(layout, reference)

@@ -177,11 +177,11 @@ def _state_is_behind(run_dir: Path, repo_id: str) -> bool:
 
 
 def stage(run_dir: Path, repo_id: str, with_state: bool = True) -> Path:
-    """RUN_DIR/hub-upload: the repo's content, as hard links where possible (nothing large is copied)."""
+    """RUN_DIR/hub-upload: the repo's content, as hard links where possible (nothing large is copied).
+    The run folder was checked publishable (publish does it first)."""
     from mergekit_recycle.model_card import build_model_card
     from mergekit_recycle.optimize import RECIPE_COPY
 
-    check_publishable(run_dir)
     merged, winner = run_dir / "merged", run_dir / "winner.yaml"
     report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
     run = _run_record(run_dir)

@@ -29,7 +29,7 @@ from mergekit_recycle import constants
 from mergekit_recycle.architecture import tensor_map
 from mergekit_recycle.constants import RECYCLE_LINEAR
 from mergekit_recycle.errors import PoolError, SettingError
-from mergekit_recycle.pool import Pool
+from mergekit_recycle.pool import Pool, check_written
 from mergekit_recycle.proposal import Merge
 
 CHUNK_BYTES = 256 * 2**20
@@ -93,11 +93,9 @@ class ResidentMerger:
         self.dtype = TORCH_DTYPES[dtype]
         self.in_memory = pool_fits_in_memory(pool) if in_memory is None else in_memory
         self.targets = model.state_dict()  # views of the parameters: copying into them updates the model
-        mapped = tensor_map(model, pool.layout.shapes)
+        # Mapped again on the model itself (the pool check mapped a skeleton of it): what is written is what it has.
         first = pool.checkpoints[0]
-        if mapped.refusal() is not None:
-            raise PoolError(pool.source, first.location, str(first.path), mapped.refusal(), tensor=mapped.unwritten[0])
-        self.destination = mapped.targets  # checkpoint tensor -> the model's name for it
+        self.destination = check_written(tensor_map(model, pool.layout.shapes), first, pool.source).targets
         self.names = [name for name in pool.layout.shapes if name in self.destination]
         if not self.names:
             raise PoolError(pool.source, first.location, str(first.path),
