@@ -321,6 +321,9 @@ def main() -> None:
 def compare(args: argparse.Namespace, built) -> None:
     load_before = _load_average()
     recipe = load_recipe(args.recipe)
+    # Both loops score every document of the search tasks: the on-disk loop knows nothing of the
+    # documents a recipe holds back for choosing the winner (selection.holdback).
+    recipe = recipe.model_copy(update={"selection": recipe.selection.model_copy(update={"holdback": 0.0})})
     if recipe.merge.dtype != "float32":
         raise SystemExit(f"the benchmark compares float32 merges; {args.recipe} asks for {recipe.merge.dtype}")
     pool = resolve_pool(recipe, args.recipe)
