@@ -54,6 +54,7 @@ def bench_seed(seed: int, args) -> dict:
 
     root = args.pools / f"{args.size}-seed-{seed}"
     summary = build_pool(root, seed=seed, size=args.size, report=print)
+    print(f"pool {root}: content fingerprint {summary.content_fingerprint}")
     names = [name for name in summary.checkpoints if name != BASE_NAME]
     weights_of = {name: load_file(root / name / "model.safetensors") for name in summary.checkpoints}
     model = AutoModelForCausalLM.from_pretrained(root / BASE_NAME).eval()
@@ -139,7 +140,7 @@ def bench_seed(seed: int, args) -> dict:
         margin, low, high = paired_bootstrap(merge["correct"], reference, rng)
         rows[label] = {"test_macro": round(macro, 2), "margin": round(margin, 2), "ci95": [round(low, 2), round(high, 2)],
                        "weights": merge["weights"], "scale": merge["scale"]}
-    return {"seed": seed, "size": args.size, "build_seconds": summary.build_seconds, "search_seconds": round(search_seconds, 1),
+    return {"seed": seed, "size": args.size, "content_fingerprint": summary.content_fingerprint, "build_seconds": summary.build_seconds, "search_seconds": round(search_seconds, 1),
             "best_single": best_post, "best_single_with_base": best_any, "greedy": greedy, "rows": rows}
 
 
@@ -162,7 +163,7 @@ def print_table(results) -> None:
         for label, row in result["rows"].items():
             print(f"| {result['seed']} | {label} | {row['test_macro']:.2f} | {row['margin']:+.2f} | [{row['ci95'][0]:+.2f}, {row['ci95'][1]:+.2f}] |")
     for result in results:
-        print(f"seed {result['seed']}: build {result['build_seconds']} s, searches {result['search_seconds']} s, "
+        print(f"seed {result['seed']} (pool content fingerprint {result['content_fingerprint']}): build {result['build_seconds']} s, searches {result['search_seconds']} s, "
               f"best single {result['best_single']} (with base: {result['best_single_with_base']}), greedy {result['greedy']}")
         for label in ("CMA-ES (pool)", "CMA-ES (anchor+scale)"):
             print(f"  {label}: scale {result['rows'][label]['scale']}, weights {result['rows'][label]['weights']}")

@@ -109,7 +109,7 @@ def bench_pool(design: str, pool_seed: int, args, say) -> List[dict]:
         plain = run(folder / f"plain-search{search_seed}", with_selection(base, holdback=0.0), search_seed, say)
         robust = run(folder / f"robust-search{search_seed}", base, search_seed, say)
         result = {"design": design, "pool_seed": pool_seed, "search_seed": search_seed,
-                  "pool_fingerprint": summary.fingerprint, "headroom": headroom,
+                  "pool_fingerprint": summary.fingerprint, "pool_content": summary.content_fingerprint, "headroom": headroom,
                   "oracle_seconds": oracle["seconds"],
                   "plain": outcome(plain), "robust": outcome(robust),
                   "replayed": replay_choices(robust, args)}
@@ -257,7 +257,7 @@ def run_line(result: dict) -> str:
         best = o["margins"]["best checkpoint"]
         parts.append(f"{rule}: {o['winner']} ({o['kind']}) {o['holdout']:.2f}, vs {best['name']} {best['margin']:+.2f} "
                      f"{_ci(best['ci'])}")
-    return (f"{result['design']} pool {result['pool_seed']} search {result['search_seed']}: headroom "
+    return (f"{result['design']} pool {result['pool_seed']} ({result.get('pool_content')}) search {result['search_seed']}: headroom "
             f"{result['headroom']:+.2f}; " + "; ".join(parts))
 
 
@@ -280,6 +280,8 @@ def markdown(results: List[dict]) -> str:
                          f"| {o['winner']} | {o['holdout']:.2f} | {best['margin']:+.2f} ({best['name']}) | {_ci(best['ci'])} "
                          f"| {_margin(o, 'uniform soup')} | {_margin(o, 'greedy soup')} "
                          f"| {o['weights_above_1pct']}/{o['checkpoints']} |")
+    pools = dict.fromkeys(f"{r['design']} seed {r['pool_seed']}: {r.get('pool_content') or 'not recorded'}" for r in results)
+    lines += ["", "Pools (content fingerprint): " + "; ".join(pools) + "."]
     summary = summarise(results)
     lines += ["", "Per design (means over seeds; margins in points over the checkpoint best on holdout unless named):", "",
               "| design | runs | oracle headroom | rule | vs best checkpoint: mean (worst) | runs with CI below 0 "

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
 
+from mergekit_recycle.errors import shorten
+
 
 class Architecture(NamedTuple):
     """One tested architecture: transformers' class name, the family users know, what was corrected."""
@@ -79,19 +81,41 @@ def describe_architectures(found: Mapping[str, str]) -> str:
 
 
 def read_architecture(folder: Path) -> str:
-    """The architecture a checkpoint folder's config.json names (ValueError when it names none)."""
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    """The architecture a checkpoint folder's config.json names; OSError when it cannot be read, ValueError
+    (saying what is wrong, as a sentence about config.json) when it is not a config transformers could use."""
+    text = (folder / "config.json").read_text(encoding="utf-8")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"config.json is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
     if not isinstance(config, dict):
-        raise ValueError("config.json is not a JSON object")
+        raise ValueError(f"config.json holds a JSON {_json_kind(config)} where transformers expects an object of settings")
     return config_architecture(config)
 
 
 def config_architecture(config: Mapping) -> str:
+    """`architectures` joined by commas; the `model_type` when it is missing or empty (ValueError when it is
+    something else than a list of class names, which transformers would fail on later, naming no file)."""
     architectures = config.get("architectures")
     if isinstance(architectures, list) and architectures and all(isinstance(a, str) for a in architectures):
         return ",".join(architectures)
+    if architectures not in (None, []):
+        shown = shorten(json.dumps(architectures), 60)
+        raise ValueError(f'config.json field "architectures" is {shown}; expected a list of model class names, '
+                         'such as ["LlamaForCausalLM"]')
     model_type = config.get("model_type")
     return model_type if isinstance(model_type, str) and model_type else "unknown"
+
+
+def config_problem(exc: Exception) -> str:
+    """What read_architecture found wrong with a checkpoint's config.json, and how to fix it, as one clause."""
+    reason = str(exc) if str(exc).startswith("config.json") else \
+        f"cannot read config.json ({exc.strerror if isinstance(exc, OSError) and exc.strerror else exc})"
+    return f"{reason}: fix it, or copy in the config.json saved with these weights"
+
+
+def _json_kind(value) -> str:
+    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
 
 
 def unsupported_reason(architecture: str) -> Optional[str]:
@@ -127,6 +151,8 @@ class TensorMap:
         shown = ", ".join(self.unwritten[:4]) + (f" and {len(self.unwritten) - 4} more" if len(self.unwritten) > 4 else "")
         why = (f"; transformers converts {', '.join(self.converted[:2])} before loading it, which a tensor-by-tensor "
                "merge does not do" if self.converted else "")
+        if not self.targets:
+            why += "; none of the checkpoint's tensors is one of this model's: is config.json the one saved with them?"
         return f"the {self.architecture} model has parameters no checkpoint tensor writes: {shown}{why}"
 
 

@@ -16,8 +16,10 @@ def single(names: List[str], name: str) -> Merge:
     return Merge.of(names, [name])
 
 
-def baseline_merges(names: List[str], score: ScoreSearch) -> Dict[str, Tuple[str, Merge]]:
-    """name -> (kind, merge) of every baseline, scoring each on the search split as it goes."""
+def baseline_merges(names: List[str], score: ScoreSearch,
+                    say: Callable[[str], None] = lambda line: None) -> Dict[str, Tuple[str, Merge]]:
+    """name -> (kind, merge) of every baseline, scoring each on the search split as it goes;
+    `say` is told each greedy step's outcome and the final soup."""
     baselines: Dict[str, Tuple[str, Merge]] = {}
     objectives: Dict[str, float] = {}
     for name in names:
@@ -29,18 +31,27 @@ def baseline_merges(names: List[str], score: ScoreSearch) -> Dict[str, Tuple[str
     uniform = Merge.of(names)
     baselines["uniform soup"] = ("uniform", uniform)
     score(uniform, "uniform", "uniform soup")
-    baselines["greedy soup"] = ("greedy", greedy_soup(names, objectives, score))
+    baselines["greedy soup"] = ("greedy", greedy_soup(names, objectives, score, say))
     return baselines
 
 
-def greedy_soup(names: List[str], objectives: Dict[str, float], score: ScoreSearch) -> Merge:
-    """The greedy soup, given each checkpoint's search objective (failed ones are left out)."""
+def greedy_soup(names: List[str], objectives: Dict[str, float], score: ScoreSearch,
+                say: Callable[[str], None] = lambda line: None) -> Merge:
+    """The greedy soup, given each checkpoint's search objective (failed ones are left out).
+
+    Each step is said with its outcome: a step's score is the score of the soup with that checkpoint
+    added, which only becomes the soup's when the checkpoint is kept.
+    """
     order = sorted(objectives, key=lambda name: (-objectives[name], names.index(name)))
     if not order:
         return Merge.of(names)
     soup, best = [order[0]], objectives[order[0]]
     for name in order[1:]:
         value = score(Merge.of(names, soup + [name]), "greedy-step", f"greedy soup + {name}")
-        if value is not None and value >= best:
+        kept = value is not None and value >= best
+        outcome = "failed" if value is None else f"search objective {value:.4f}"
+        say(f"greedy soup + {name}: {outcome} against the soup's {best:.4f}: {'kept' if kept else 'dropped'}")
+        if kept:
             soup, best = soup + [name], value
+    say(f"greedy soup: {' + '.join(soup)} (search objective {best:.4f})")
     return Merge.of(names, soup)

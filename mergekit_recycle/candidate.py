@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from mergekit_recycle.constants import DEFAULT_BATCH_SIZE
 from mergekit_recycle.errors import LimitOnGroupError, RecipeError
-from mergekit_recycle.evaluate import Scorer, metric_name, task_manager
+from mergekit_recycle.evaluate import Scorer, check_metrics, metric_name, named_task_errors, needs_lm_eval_tasks
 from mergekit_recycle.pool import Pool
 from mergekit_recycle.proposal import Merge
 from mergekit_recycle.recipe import Recipe
@@ -59,12 +59,6 @@ def task_name(task, split: Split) -> str:
     return task.holdout if split == "holdout" else task.search
 
 
-def needs_lm_eval_tasks(recipe: Recipe) -> bool:
-    """Whether some task is not defined by the recipe's task_paths (indexing lm-eval's own is slow)."""
-    known = task_manager(recipe).task_index if recipe.task_paths else {}
-    return any(getattr(task, role) not in known for task in recipe.tasks for role in ("search", "holdout"))
-
-
 class ResidentEvaluator:
     """Merges into one resident model and scores it with task objects and an HFLM built once."""
 
@@ -79,17 +73,18 @@ class ResidentEvaluator:
         holdback = recipe.selection.holdback
         splits = [split for split in SPLITS if split != "selection" or recipe.selection.enabled]
         try:
-            self.scorers = {
-                split: Scorer(
-                    self.model, tokenizer, [task_name(task, split) for task in recipe.tasks], recipe.task_paths,
-                    include_defaults=include_defaults, batch_size=batch_size, device=device,
-                    # Only the search is subsampled: the selection and the holdout report score every
-                    # document they have.
-                    limits=limits if split == "search" else None, seed=recipe.search.seed,
-                    holdback=holdback if split != "holdout" else 0.0, part=split,
-                )
-                for split in splits
-            }
+            with named_task_errors(recipe, source):
+                self.scorers = {
+                    split: Scorer(
+                        self.model, tokenizer, [task_name(task, split) for task in recipe.tasks], recipe.task_paths,
+                        include_defaults=include_defaults, batch_size=batch_size, device=device,
+                        # Only the search is subsampled: the selection and the holdout report score every
+                        # document they have.
+                        limits=limits if split == "search" else None, seed=recipe.search.seed,
+                        holdback=holdback if split != "holdout" else 0.0, part=split,
+                    )
+                    for split in splits
+                }
         except LimitOnGroupError as exc:
             index = next(i for i, task in enumerate(recipe.tasks) if task.search == exc.task)
             raise RecipeError(source, f"tasks[{index}].limit", str(exc)) from None
@@ -119,18 +114,10 @@ class ResidentEvaluator:
                           merge_seconds=merged - started, eval_seconds=time.perf_counter() - merged)
 
     def _check_metrics(self) -> None:
-        """Refuse metrics the objective cannot maximise: lower-is-better ones (perplexity, say)."""
-        for index, task in enumerate(self.recipe.tasks):
-            for split in self.scorers:
-                name = task_name(task, split)
-                lm_eval_task = self.scorers[split].task_dict.get(name)
-                if lm_eval_task is None or not hasattr(lm_eval_task, "higher_is_better"):
-                    continue  # a group: its metrics are known only after scoring
-                higher = lm_eval_task.higher_is_better() or {}
-                if higher.get(metric_name(task.metric).split(",")[0]) is False:
-                    raise RecipeError(self.source, f"tasks[{index}].metric",
-                                      f"{task.metric!r} of {name!r} is better when lower; the objective is maximised, "
-                                      "so every metric must be one where higher is better")
+        """Refuse, before anything is scored, a metric that a search or holdout task does not report
+        or that is better when lower (perplexity, say): the objective is maximised."""
+        built = {name: task for scorer in self.scorers.values() for name, task in scorer.task_dict.items()}
+        check_metrics(self.recipe, built, self.source)
 
     def _metric(self, results, task, split: Split) -> float:
         name = task_name(task, split)

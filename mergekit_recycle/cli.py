@@ -25,20 +25,35 @@ def render_error(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-class RecycleGroup(click.Group):
-    """A click group that maps our errors to one-line messages and exit codes.
+class LazyCommand(click.Command):
+    """A command built on first use, by `build`: listed in the group's help by its short help alone.
 
-    `merge` is built on first use: it declares mergekit's own options, whose import (peft,
-    transformers) would cost every other command seconds at start.
+    `merge` declares mergekit's own options, whose import (peft, transformers) would cost every
+    other command, and `mergekit-recycle --help`, seconds at start.
     """
 
-    def list_commands(self, ctx: click.Context) -> list:
-        return sorted({*super().list_commands(ctx), "merge"})
+    def __init__(self, name: str, build: Callable[[], click.Command], short_help: str):
+        super().__init__(name, short_help=short_help)
+        self._build = build
+        self._command: Optional[click.Command] = None
 
-    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
-        if name == "merge" and name not in self.commands:
-            self.add_command(merge_command())
-        return super().get_command(ctx, name)
+    @property
+    def command(self) -> click.Command:
+        if self._command is None:
+            self._command = self._build()
+        return self._command
+
+    def make_context(self, info_name: Optional[str], args: list, parent: Optional[click.Context] = None,
+                     **extra: Any) -> click.Context:
+        # The context names the real command, so the group invokes (and --help shows) that one.
+        return self.command.make_context(info_name, args, parent=parent, **extra)
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        return self.command.main(*args, **kwargs)
+
+
+class RecycleGroup(click.Group):
+    """A click group that maps our errors to one-line messages and exit codes."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -64,18 +79,45 @@ def cli() -> None:
     """Recycle a pool of checkpoints into one better model with mergekit."""
 
 
+MERGE_SUMMARY = "Merge CONFIG_FILE (any mergekit YAML) into OUT_PATH, with recycle_linear available."
+
+
+def recipe_argument(ctx: click.Context, param: click.Parameter, path: Path) -> Path:
+    """RECIPE_FILE, refused in one line when it cannot be a recipe file (click's own check prints its
+    usage text, three lines); a missing file is left to load_recipe, which names it."""
+    import errno
+    import os
+
+    from mergekit_recycle.errors import RecipeError, shorten
+
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise RecipeError(shorten(str(path), 120), "", "a name in this path is longer than the file system "
+                              "allows: give the recipe file's real path") from None
+        return path
+    if os.path.isdir(path):
+        hint = f"; did you mean {path / 'recipe.yaml'}?" if os.path.isfile(path / "recipe.yaml") else ""
+        raise RecipeError(path, "", f"is a folder, not a recipe file: give the recipe's YAML file{hint}")
+    return path
+
+
+# The recipe file argument of validate, pull and optimize.
+RECIPE = {"type": click.Path(path_type=Path), "callback": recipe_argument}
+
+
 def merge_command() -> click.Command:
+    """`merge`, with mergekit's options (imported here: seconds of peft and transformers)."""
     from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
-    @click.command("merge", cls=PrettyPrintHelp)
-    @click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
+    # A path, not click.Path(dir_okay=False): a folder or a missing file is merge_yaml's one line.
+    @click.command("merge", cls=PrettyPrintHelp, help=f"{MERGE_SUMMARY}\n\nTakes the same options as mergekit-yaml; "
+                   "Hub references are fetched as pool entries are.")
+    @click.argument("config_file", type=click.Path(path_type=Path))
     @click.argument("out_path", type=click.Path(file_okay=False, path_type=Path))
     @add_merge_options
     def merge(merge_options: MergeOptions, config_file: Path, out_path: Path) -> None:
-        """Merge CONFIG_FILE (any mergekit YAML) into OUT_PATH, with recycle_linear available.
-
-        Takes the same options as mergekit-yaml; Hub references are fetched as pool entries are.
-        """
         from mergekit_recycle.merge import merge_yaml
 
         merge_options.apply_global_options()
@@ -84,8 +126,11 @@ def merge_command() -> click.Command:
     return merge
 
 
+cli.add_command(LazyCommand("merge", merge_command, MERGE_SUMMARY))
+
+
 @cli.command("validate")
-@click.argument("recipe_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("recipe_file", **RECIPE)
 @click.option(
     "--check-tasks/--no-check-tasks",
     default=True,
@@ -97,20 +142,25 @@ def merge_command() -> click.Command:
 def validate_command(recipe_file: Path, check_tasks: bool, as_json: bool) -> None:
     """Check RECIPE_FILE and print the plan it resolves to."""
     from mergekit_recycle.architecture import describe_architectures
-    from mergekit_recycle.pool import local_architectures
     from mergekit_recycle.recipe import describe_recipe, load_recipe
 
     recipe = load_recipe(recipe_file)
+    # pool.py imports mergekit (seconds): only once the recipe's own fields are known to be right.
+    from mergekit_recycle.pool import local_architectures
+
     architectures = local_architectures(recipe, recipe_file)
+    notes = []
     if check_tasks:
         from mergekit_recycle.evaluate import check_tasks_exist
 
-        check_tasks_exist(recipe, recipe_file)
+        notes = check_tasks_exist(recipe, recipe_file, uncached_ok=True)
     if as_json:
         click.echo(json.dumps(recipe.model_dump(mode="json"), indent=2))
     else:
         click.echo(describe_recipe(recipe, recipe_file))
         click.echo(describe_architectures(architectures))
+    for note in notes:  # on stderr, so that --json stays JSON
+        click.echo(note, err=True)
 
 
 @cli.command("demo-pool")
@@ -139,7 +189,7 @@ def demo_pool_command(directory: Path, seed: int, size: str, design: str, quiet:
 
 
 @cli.command("pull")
-@click.argument("recipe_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("recipe_file", **RECIPE)
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the commits this run was pinned to (default: the recipe's output.run_dir).")
 def pull_command(recipe_file: Path, run_dir: Optional[Path]) -> None:
@@ -202,12 +252,12 @@ class Budget(click.ParamType):
 
 
 @cli.command("optimize")
-@click.argument("recipe_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("recipe_file", **RECIPE)
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the journal, proposals and report go (default: the recipe's output.run_dir).")
 @click.option("--budget", type=Budget(), help="Proposals to evaluate in all, or +N: N more than the run has "
               "evaluated (default: the recipe's search.budget).")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), help="Seed of CMA-ES and the task subsets (default: search.seed).")
+@click.option("--seed", type=click.IntRange(0, constants.MAX_SEED), help="Seed of CMA-ES and the task subsets (default: search.seed).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where to merge and score (default: the recipe's merge.device; auto takes a GPU when there is one).")
 @click.option("--time-budget", type=Duration(), help="Stop the search in time to score the winner and write the report "
@@ -338,10 +388,15 @@ def holdout_summary(report: dict) -> str:
 @click.option("--summary", "as_summary", is_flag=True,
               help="Print a short Markdown summary of the latest session: holdout table, margins, what was "
               "published (e.g. >> \"$GITHUB_STEP_SUMMARY\").")
-def report_command(run_dir: Path, as_json: bool, as_summary: bool) -> None:
+@click.pass_context
+def report_command(ctx: click.Context, run_dir: Path, as_json: bool, as_summary: bool) -> None:
     """Print the report of RUN_DIR, finished or still running (built from its journal)."""
     from mergekit_recycle.report import load_report, summary, table
 
+    if as_json and as_summary:  # mutually exclusive: one line, as every refusal here is
+        click.echo("report: --json and --summary cannot be combined: give one (--json prints report.json, "
+                   "--summary a Markdown summary)", err=True)
+        ctx.exit(2)
     report = load_report(run_dir)
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -69,14 +69,18 @@ class _StrictLoader(yaml.SafeLoader):
 
 def read_yaml(path: Path, error: Type[ConfigFileError], not_found: Type[ConfigFileError]) -> Any:
     """Parse a YAML file; any problem becomes `error` (or `not_found`) with the line at fault."""
-    if not path.exists():
-        raise not_found(path)
-    if not path.is_file():
-        raise error(path, "", "not a file")
     try:
+        if not path.exists():
+            raise not_found(path)
+        if not path.is_file():
+            raise error(path, "", "a folder, not a file" if path.is_dir() else "not a file")
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise error(path, "", "not a UTF-8 text file") from None
+    except OSError as exc:  # a name too long, a symlink loop, no permission: the file system's own words
+        if isinstance(exc, ConfigFileError):
+            raise
+        raise error(path, "", f"cannot be read: {exc.strerror or exc}") from None
     try:
         return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
@@ -116,10 +120,21 @@ def validate_model(
         raise error(path, "", " ".join(str(exc).split()) or type(exc).__name__) from None
 
 
-def write_atomically(path: Path, text: str) -> Path:
+def write_atomically(path: Path, text: str, durable: bool = False) -> Path:
     """Write `text` to a file beside `path`, then rename it into place: a reader (or a killed run)
-    sees the old file or the new one, never half of one."""
+    sees the old file or the new one, never half of one. `durable` also survives a power cut (the
+    file and the rename are synced), for files that cannot be rebuilt, like a journal."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(partial, path)
+    if durable:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     return path

@@ -24,8 +24,10 @@ def env_bytes(name: str) -> "int | None":
     """A size in bytes from the environment (`8G`, `512M`, `1000000`); None when unset.
 
     Parsed when used, not at import, so a bad value is reported as one line by the command
-    that needs it.
+    that needs it; `inf`, `nan`, negative and absurd sizes (over 2**63 bytes) are refused.
     """
+    import math
+
     from mergekit_recycle.errors import SettingError
 
     value = os.environ.get(name, "").strip().upper().removesuffix("B").removesuffix("I")
@@ -34,12 +36,20 @@ def env_bytes(name: str) -> "int | None":
     units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     number, unit = (value[:-1], units[value[-1]]) if value[-1] in units else (value, 1)
     try:
-        size = int(float(number) * unit)
+        size = float(number) * unit
     except ValueError:
-        size = -1
-    if size < 0:
+        size = -1.0
+    if not (math.isfinite(size) and 0 <= size < MAX_BYTES):
         raise SettingError(name, os.environ[name], "a size in bytes, e.g. 8G, 512M or 1000000")
-    return size
+    return int(size)
+
+
+# No machine holds more: a larger size is a typo (and would overflow the sizes computed from it).
+MAX_BYTES = 2**63
+
+# The seeds `search.seed` and `optimize --seed` accept. pycma takes seed + 1 (+ 1,000,003 per
+# restart), and numpy refuses a seed of 2**32 or more: 2**31 leaves room for 2,000 restarts.
+MAX_SEED = 2**31 - 1
 
 
 # The environment variable that caps how many bytes of checkpoint tensors the optimizer keeps in

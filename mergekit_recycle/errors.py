@@ -32,8 +32,9 @@ class ConfigFileError(RecycleError, ValueError):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        where = f"{self.location}: " if self.location else ""
-        return f"{self.path}: {where}{self.message}"
+        # A key or a message can echo what the user wrote (a 2 MB name): cut, never the whole of it.
+        where = f"{shorten(self.location, 200)}: " if self.location else ""
+        return f"{shorten(self.path, 300)}: {where}{shorten(self.message, 1000)}"
 
 
 class RecipeError(ConfigFileError):
@@ -173,7 +174,7 @@ class SettingError(RecycleError, ValueError):
         self.variable = variable
         self.value = value
         self.expected = expected
-        super().__init__(f"{variable}={value!r}: expected {expected}")
+        super().__init__(f"{variable}={shorten(repr(value))}: expected {expected}")
 
 
 class LimitOnGroupError(RecycleError, ValueError):
@@ -243,3 +244,74 @@ class ConcurrentRunError(RecycleError, RuntimeError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+# --- echoed values, and errors of lm-eval task definitions ---------------------------------
+
+
+def one_line(text: object, limit: int = 0) -> str:
+    """`text` (an exception's words, say) on one line, shortened to `limit` characters when one is given."""
+    flat = " ".join(str(text).split())
+    return shorten(flat, limit) if limit else flat
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """`text`, or its head and tail around an ellipsis and its length when longer than `limit`:
+    an error line echoes what the user wrote, and must stay one readable line for any input."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 20, 2)
+    return f"{text[: keep // 2]}…{text[len(text) - keep // 2:]} ({len(text)} characters)"
+
+
+class TaskDefinitionError(RecycleError, ValueError):
+    """lm-eval cannot build task ``task`` (defined in ``yaml_path`` where known): its data, template or loader fails.
+
+    Raised when the tasks are built, before anything is scored; callers that know the recipe
+    name the recipe field.
+    """
+
+    exit_code = 2
+
+    def __init__(self, task: str, reason: str, yaml_path: Optional[Union[str, Path]] = None):
+        self.task = task
+        self.reason = reason
+        self.yaml_path = Path(yaml_path) if yaml_path is not None else None
+        where = f" ({self.yaml_path})" if self.yaml_path is not None else ""
+        super().__init__(f"lm-eval task {task!r}{where}: {reason}")
+
+
+class TaskDataNotCachedError(TaskDefinitionError, ConnectionError):
+    """A task whose dataset must be downloaded, while the Hub cannot be reached: not a fault of the
+    recipe, so `validate` only notes it; `optimize` cannot score the task and stops."""
+
+
+# -- non-finite tensors (issue 15, section 4) ----------------------------------------------------
+
+class NonFiniteTensorError(PoolError):
+    """A checkpoint tensor holding NaN or inf: every merge that gives the checkpoint a weight would be too.
+
+    ``nan`` and ``inf`` count the values of each kind in ``tensor``.
+    """
+
+    def __init__(self, path: Union[str, Path], location: str, checkpoint: str, tensor: str, nan: int, inf: int):
+        self.nan = nan
+        self.inf = inf
+        found = " and ".join(f"{count} {kind}" for count, kind in ((nan, "NaN"), (inf, "inf")) if count)
+        super().__init__(path, location, checkpoint,
+                         f"tensor {tensor} holds {found} value{'s' if nan + inf > 1 else ''}; every merge that reads this checkpoint would be "
+                         "non-finite: re-export the checkpoint from a healthy copy, or drop it from the pool",
+                         tensor=tensor)
+
+
+class NonFiniteMergeError(RecycleError, ValueError):
+    """A candidate whose merged parameters hold NaN or inf (the weights or the scale overflow the dtype):
+    a failed candidate, not a score. ``tensor`` is the first such parameter, ``dtype`` the merge's."""
+
+    def __init__(self, tensor: str, dtype: str, scale: float):
+        self.tensor = tensor
+        self.dtype = dtype
+        self.scale = scale
+        super().__init__(f"the merged tensor {tensor} holds NaN or inf values in {dtype} (scale {scale:g}): "
+                         "the merge overflows; narrow search.scale or merge in a wider merge.dtype")

@@ -6,12 +6,14 @@ task_paths do not define.
 """
 
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_recycle.errors import LimitOnGroupError, RecipeError
+from mergekit_recycle.errors import (LimitOnGroupError, RecipeError, TaskDataNotCachedError, TaskDefinitionError,
+                                     one_line, shorten)
 from mergekit_recycle.recipe import Recipe
 
 
@@ -32,28 +34,152 @@ def task_references(recipe: Recipe) -> List[Tuple[str, str]]:
     ]
 
 
-def missing_tasks(recipe: Recipe) -> List[Tuple[str, str]]:
-    """The task references that neither task_paths nor lm-eval's own tasks define."""
+def indexed_tasks(recipe: Recipe):
+    """(a TaskManager that knows the recipe's tasks, the task references it does not know): lm-eval's
+    own tasks are indexed (slow) only when task_paths leave some undefined."""
     references = task_references(recipe)
-    known = task_manager(recipe).task_index if recipe.task_paths else {}
-    missing = [(location, name) for location, name in references if name not in known]
+    manager = task_manager(recipe)
+    missing = [(location, name) for location, name in references if name not in manager.task_index]
     if missing:
-        known = task_manager(recipe, include_defaults=True).task_index
-        missing = [(location, name) for location, name in missing if name not in known]
-    return missing
+        manager = task_manager(recipe, include_defaults=True)
+        missing = [(location, name) for location, name in missing if name not in manager.task_index]
+    return manager, missing
 
 
-def check_tasks_exist(recipe: Recipe, source: Optional[Path] = None) -> None:
-    """Raise RecipeError for the first task lm-eval does not know."""
-    missing = missing_tasks(recipe)
+def check_tasks_exist(recipe: Recipe, source: Optional[Path] = None, uncached_ok: bool = False) -> List[str]:
+    """Raise RecipeError for the first task lm-eval does not know, cannot build (its data, template
+    or loader fails), or that does not report the recipe's metric; all without a model, so that
+    `validate` and the start of `optimize` find it before anything is scored.
+
+    With `uncached_ok` (validate), a task whose dataset is not in the local cache while the Hub cannot
+    be reached is not checked further; the notes saying so are returned."""
+    source = source or Path("<recipe>")
+    manager, missing = indexed_tasks(recipe)
     if missing:
         location, name = missing[0]
         where = ", ".join(str(p) for p in recipe.task_paths) or "no task_paths given"
         raise RecipeError(
-            source or Path("<recipe>"),
+            source,
             location,
             f"unknown lm-eval task {name!r}: defined neither in task_paths ({where}) nor by lm-eval",
         )
+    quiet_lm_eval()
+    built: Dict[object, object] = {}
+    notes, uncached = [], set()
+    with named_task_errors(recipe, source):
+        for location, name in task_references(recipe):
+            try:
+                built.update(build_tasks([name], manager))
+            except TaskDataNotCachedError as exc:
+                if not uncached_ok:
+                    raise
+                uncached.add(name)
+                notes.append(f"note: {location}: {exc}; optimize checks it once the data is there")
+    from lm_eval.api.task import Task
+
+    for index, task in enumerate(recipe.tasks):
+        if task.search in uncached:
+            continue
+        if task.limit and not isinstance(built.get(task.search), Task):  # a group is keyed by its group object
+            raise RecipeError(source, f"tasks[{index}].limit", str(LimitOnGroupError(task.search)))
+    check_metrics(recipe, built, source)  # a task not built (uncached) has no metrics to check
+    return notes
+
+
+def needs_lm_eval_tasks(recipe: Recipe) -> bool:
+    """Whether some task is not defined by the recipe's task_paths (indexing lm-eval's own is slow)."""
+    known = task_manager(recipe).task_index if recipe.task_paths else {}
+    return any(name not in known for _, name in task_references(recipe))
+
+
+def build_tasks(names: Sequence[str], manager) -> Dict[object, object]:
+    """lm-eval's task dict for `names`, built one name at a time so that a failure names its task
+    (TaskDefinitionError): a missing or empty data file, a template that does not compile, a
+    custom loader that raises, a dataset that is not in the local cache while offline."""
+    from lm_eval.tasks import get_task_dict
+
+    built: Dict[object, object] = {}
+    for name in names:
+        if name in built:
+            continue
+        try:
+            built.update(get_task_dict([name], manager))
+        except Exception as exc:  # noqa: BLE001 - a task's own loader may raise anything
+            entry = manager.task_index.get(name)
+            config = (getattr(entry, "cfg", None) or {}) if entry is not None else {}
+            kind = TaskDataNotCachedError if _unreachable(exc) else TaskDefinitionError
+            raise kind(name, _task_failure(exc, config), getattr(entry, "yaml_path", None)) from exc
+    return built
+
+
+def _unreachable(exc: Exception) -> bool:
+    """Whether `exc` says the Hub (or a dataset's server) could not be reached, or may not be (offline)."""
+    # requests' and httpx's connection errors are not the builtin ConnectionError: match them by name.
+    return isinstance(exc, ConnectionError) or any(
+        kind.__name__ in ("ConnectionError", "ConnectError", "ConnectTimeout", "OfflineModeIsEnabled",
+                          "LocalEntryNotFoundError") for kind in type(exc).__mro__)
+
+
+def _task_failure(exc: Exception, config: dict) -> str:
+    """Why lm-eval could not build a task, and what to do about it, from what it raised."""
+    import jinja2
+
+    text = one_line(exc, 200)
+    dataset = config.get("dataset_path")
+    if isinstance(exc, StopIteration):
+        return "its data has no documents (an empty data file?): fill it, or take the task out of the recipe"
+    if _unreachable(exc):
+        return (f"its dataset {shorten(repr(dataset))} is not in the local cache and cannot be downloaded ({text}): "
+                "download it once where the Hub is reachable (without HF_DATASETS_OFFLINE/HF_HUB_OFFLINE), "
+                "or point dataset_path at local files")
+    if isinstance(exc, FileNotFoundError):
+        return f"its data file is missing ({text}): check the paths in the task's YAML"
+    if isinstance(exc, jinja2.TemplateError):
+        return (f"a template does not work ({type(exc).__name__}: {text}): fix doc_to_text, doc_to_target "
+                "or doc_to_choice in the task's YAML")
+    return (f"lm-eval cannot build it: {type(exc).__name__}: {text}; fix the task's YAML or its loader "
+            "(custom_dataset, !function)")
+
+
+@contextmanager
+def named_task_errors(recipe: Recipe, source: Path) -> Iterator[None]:
+    """Turn a TaskDefinitionError into a RecipeError at the recipe field that names the task."""
+    try:
+        yield
+    except TaskDefinitionError as exc:
+        location = next(location for location, name in task_references(recipe) if name == exc.task)
+        raise RecipeError(source, location, str(exc)) from None
+
+
+def metric_problem(metric: str, lm_eval_task) -> Optional[str]:
+    """Why `metric` (as a recipe names it) cannot be maximised on a built lm-eval task, or None.
+
+    A group's metrics are known only once it is scored: None.
+    """
+    if not hasattr(lm_eval_task, "higher_is_better"):
+        return None
+    higher = lm_eval_task.higher_is_better() or {}
+    filters = [getattr(f, "name", "none") for f in getattr(lm_eval_task, "_filters", ())] or ["none"]
+    reported = [f"{name},{f}" for name in higher for f in filters]
+    key = metric if "," in metric else f"{metric},none"
+    if key not in reported:
+        return f"reports no metric {metric!r} (it reports: {', '.join(metric_name(k) for k in reported) or 'none'})"
+    if higher.get(key.split(",")[0]) is False:
+        return (f"reports {metric!r} as better when lower; the objective is maximised, so every metric must "
+                "be one where higher is better")
+    return None
+
+
+def check_metrics(recipe: Recipe, built: Dict[object, object], source: Path) -> None:
+    """Raise RecipeError at `tasks[i].metric` when a search or holdout task cannot report the metric
+    (`built`: lm-eval task name -> built task, as `build_tasks` gives)."""
+    for index, task in enumerate(recipe.tasks):
+        for role in ("search", "holdout"):
+            name = getattr(task, role)
+            problem = metric_problem(task.metric, built.get(name))
+            if problem is not None:
+                raise RecipeError(source, f"tasks[{index}].metric", f"lm-eval task {name!r} (tasks[{index}].{role}) "
+                                  f"{problem}")
 
 
 def quiet_lm_eval() -> None:
@@ -280,13 +406,13 @@ class Scorer:
                  include_defaults: bool = False, batch_size: int = 256, device: str = "cpu",
                  limits: Optional[Dict[str, int]] = None, seed: int = 0, holdback: float = 0.0,
                  part: str = "search"):
-        from lm_eval.tasks import TaskManager, get_task_dict
+        from lm_eval.tasks import TaskManager
 
         quiet_lm_eval()
         manager = TaskManager(include_path=[str(path) for path in task_paths] or None,
                               include_defaults=include_defaults)
         self.tasks = list(tasks)
-        self.task_dict = get_task_dict(self.tasks, manager)
+        self.task_dict = build_tasks(self.tasks, manager)
         self.samples = seeded_subsets(self.task_dict, limits or {}, seed, holdback, part)
         self.model = model
         self.lm = resident_hflm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)

@@ -11,6 +11,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Iterable, List, Optional
 
+from mergekit_recycle.errors import one_line
+
 # The files of a checkpoint folder that a merge needs, besides its weights.
 SUPPORT_FILE = re.compile(r"(.*\.json|.*\.model|tokenizer\.model\.v\d+|.*\.tiktoken|merges\.txt|vocab\.txt|.*\.jinja)$")
 REMOTE_CODE_FILE = re.compile(r".*\.py$")
@@ -150,8 +152,7 @@ def failure(exc: BaseException, repo: str, revision: Optional[str] = None, offli
         return f"the Hub answered {status} for {at}: {_server_message(exc)}"
     if isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in ("httpx", "httpx2"):
         # huggingface_hub also says LocalEntryNotFoundError when a download could not reach the Hub.
-        reason = " ".join(str(exc).split())[:300]
-        return (f"cannot reach {endpoint()} for {at} ({type(exc).__name__}: {reason}); check the network"
+        return (f"cannot reach {endpoint()} for {at} ({type(exc).__name__}: {one_line(exc, 300)}); check the network"
                 + (", or set HF_HUB_OFFLINE=1 to work from the cache" if offline_hint else ""))
     return f"{at}: {type(exc).__name__}: {exc}"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from mergekit_recycle import hub
-from mergekit_recycle.architecture import read_architecture, unsupported_reason
+from mergekit_recycle.architecture import config_problem, read_architecture, unsupported_reason
 from mergekit_recycle.errors import PoolError
 from mergekit_recycle.pool import Checkpoint
 from mergekit_recycle.recipe import HubCheckpoints
@@ -234,7 +234,7 @@ class HubResolver:
         try:
             reason = unsupported_reason(read_architecture(Path(config).parent))
         except (OSError, ValueError) as exc:
-            reason = f"cannot read config.json ({exc})"
+            reason = config_problem(exc)
         if reason is not None:
             raise refuse(reason, checkpoint.name)
 

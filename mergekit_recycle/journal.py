@@ -20,13 +20,16 @@ The optimizer's state is not stored: CMA-ES is seeded, so replaying its asks and
 journaled fitnesses rebuilds it exactly (see `search.py`).
 """
 
+import contextlib
+import errno
 import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
-from mergekit_recycle.errors import RunDirError
+from mergekit_recycle.errors import RecycleError, RunDirError
+from mergekit_recycle.config_files import write_atomically
 
 JOURNAL = "journal.jsonl"
 
@@ -71,12 +74,53 @@ class Journal:
 
     def append(self, record: Dict[str, Any]) -> None:
         line = json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        # A full disk may leave part of this line: the next open cuts it off, as after a kill.
+        with writing(self.path, self.path.parent):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
         self.records.append(record)
+
+    def rewrite(self, records: List[Dict[str, Any]]) -> None:
+        """Replace the whole journal with `records`, atomically. Only for a run that has evaluated
+        nothing (its run record is replaced when a fixed recipe takes it over): the journal of a run
+        that has computed something is only ever appended to."""
+        with writing(self.path, self.path.parent):
+            write_atomically(self.path, "".join(json.dumps(r, allow_nan=False, separators=(",", ":")) + "\n"
+                                                for r in records), durable=True)
+        self.records = list(records)
 
     def of_type(self, kind: str) -> List[Dict[str, Any]]:
         return [record for record in self.records if record.get("type") == kind]
+
+
+# What to do about a write that failed, by errno: the rest of the message is the same for all.
+_FIXES = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (or raise the quota)",
+          errno.EROFS: "make the run folder writable", errno.EACCES: "make the run folder writable",
+          errno.EPERM: "make the run folder writable", errno.ENAMETOOLONG: "choose a shorter --run-dir"}
+
+
+@contextlib.contextmanager
+def writing(path: Path, run_dir: Path) -> Iterator[None]:
+    """Turn an OSError while writing `path` (a full disk, a read-only folder) into one line that names
+    the file; what the journal held before stays, so the same command continues the run once fixed."""
+    try:
+        yield
+    except RecycleError:
+        raise  # already one line (some of ours are OSErrors too)
+    except OSError as exc:
+        raise write_failed(run_dir, path, exc) from None
+
+
+def write_failed(run_dir: Path, path: Path, exc: BaseException) -> RunDirError:
+    """The one-line error for a file of RUN_DIR that could not be written."""
+    try:
+        name = path.relative_to(run_dir)
+    except ValueError:
+        name = path
+    reason = getattr(exc, "strerror", None) or " ".join(str(exc).split()) or type(exc).__name__
+    fix = _FIXES.get(getattr(exc, "errno", None), "fix the cause")
+    return RunDirError(run_dir, f"writing {name} failed: {reason}; the journal keeps every result so far: "
+                       f"{fix}, then rerun the same command to continue")

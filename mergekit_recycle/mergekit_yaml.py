@@ -1,5 +1,5 @@
-"""Proposals as mergekit YAML: the file `mergekit-recycle merge` (or mergekit-yaml with the
-plugin imported) turns into the very model the search scored."""
+"""Proposals as mergekit YAML: the file `mergekit-recycle merge`, or plain `mergekit-yaml` where
+mergekit-recycle is installed (plugin.py), turns into the very model the search scored."""
 
 from pathlib import Path
 from typing import Any, Dict
@@ -28,8 +28,10 @@ def merge_config(merge: Merge, pool: Pool, dtype: str) -> Dict[str, Any]:
 
 
 def write_merge_config(path: Path, merge: Merge, pool: Pool, dtype: str, title: str) -> Path:
-    """Write the YAML atomically (a reader never sees half a file), with `title` as its comment."""
-    text = f"# {title}\n# Reproduce: mergekit-recycle merge {path.name} OUT_DIR\n"
+    """Write the YAML atomically (a reader never sees half a file), with `title` as its comment.
+
+    The same text is the merged model's mergekit_config.yml, so the comment names no file."""
+    text = f"# {title}\n# Reproduce: mergekit-recycle merge THIS_FILE OUT_DIR (or mergekit-yaml THIS_FILE OUT_DIR)\n"
     text += yaml.safe_dump(merge_config(merge, pool, dtype), sort_keys=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_atomically(path, text)

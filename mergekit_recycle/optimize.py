@@ -17,6 +17,7 @@ RUN_DIR holds:
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -35,10 +36,10 @@ from mergekit_recycle import constants
 from mergekit_recycle.baselines import baseline_merges
 from mergekit_recycle.candidate import SPLITS, CandidateEvaluator, Split
 from mergekit_recycle.config_files import write_atomically
-from mergekit_recycle.errors import (ConfigFileError, FinalMergeError, HubStateError, RecycleError, RunDirError,
-                                     SearchAbortedError)
+from mergekit_recycle.errors import (ConfigFileError, FinalMergeError, HubStateError, PoolError, RecycleError,
+                                     RunDirError, SearchAbortedError, one_line, shorten)
 from mergekit_recycle.hub import PICKLE_FILE
-from mergekit_recycle.journal import JOURNAL, Journal, now
+from mergekit_recycle.journal import JOURNAL, Journal, now, writing
 from mergekit_recycle.mergekit_yaml import write_merge_config
 from mergekit_recycle.pool import Pool, resolve_pool
 from mergekit_recycle.proposal import Merge, SearchSpace
@@ -55,10 +56,17 @@ SAMPLE_BYTES = 2**20
 RECIPE_COPY = "recipe.yaml"
 # CMA-ES's state after the latest generation: what a replay of the journal must reach again.
 SEARCH_STATE = "search.json"
+# The winner as a mergekit YAML.
+WINNER = "winner.yaml"
 # The kinds of the selection's finalists (the others are baselines).
 FINALIST_KINDS = ("proposal", "greedy-step", "mean")
 # Writing the winner to disk reads its checkpoints and writes one; assume at least this rate.
 DISK_BYTES_PER_SECOND = 200 * 2**20
+# A disk that takes no more (full, read-only, over quota), as Python ([Errno 28]) and the Rust of
+# safetensors (os error 28) word it; other OS errors (a checkpoint gone) are not about writing.
+DISK_FULL = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+DISK_ERROR = re.compile(r"No space left|Read-only file system|Disk quota|(\[Errno |os error )(%s)\b"
+                        % "|".join(str(code) for code in DISK_FULL))
 
 
 @dataclass(frozen=True)
@@ -114,27 +122,66 @@ def fingerprint(recipe: Recipe, pool: Pool, absolute_paths: bool = False) -> Dic
         "pool": [[c.name, c.source if c.sha else where(c.path), files(c.path) if c.sha is None else None]
                  for c in pool.inputs] + [pool.base.name if pool.base else None],
         "tasks": [task.model_dump(mode="json") for task in recipe.tasks] + [[where(p) for p in recipe.task_paths]],
-        "search": recipe.search.model_dump(mode="json", exclude={"budget"}),
+        "search": _search_settings(recipe),
         # Only the holdback changes what the search sees; finalists and confidence only choose among what was
         # scored, so a finished run can be decided again with other settings without searching again.
         "selection": {"holdback": recipe.selection.holdback},
         "merge": recipe.merge.dtype,
     }
-    return {name: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-            for name, value in parts.items()}
+    return {name: _digest(value) for name, value in parts.items()}
+
+
+def _digest(value: Any) -> str:
+    """A fingerprint part: a short hash of its JSON."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _search_settings(recipe: Recipe) -> Record:
+    """What of the search settings a run's results depend on (the budget only says how far to go)."""
+    return recipe.search.model_dump(mode="json", exclude={"budget"})
+
+
+def _with_seed(recipe: Recipe, seed: int) -> Recipe:
+    return recipe.model_copy(update={"search": recipe.search.model_copy(update={"seed": seed})})
 
 
 @contextlib.contextmanager
-def locked(run_dir: Path) -> Iterator[None]:
-    """Hold RUN_DIR for this process: two runs appending to one journal would corrupt it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def locked(run_dir: Path, discard: bool = False) -> Iterator[None]:
+    """Hold RUN_DIR for this process: two runs appending to one journal would corrupt it.
+
+    With `discard`, a folder this call created is removed again when what runs inside fails before
+    anything was evaluated: a start refused on a typo leaves nothing for the fixed rerun to trip on.
+    """
+    try:
+        run_dir.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError as exc:
+        raise RunDirError(run_dir, f"cannot be created: {exc.strerror or exc}; choose another --run-dir "
+                          "(or output.run_dir)") from None
     with open(run_dir / ".lock", "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunDirError(run_dir, "another mergekit-recycle optimize is running on this folder; "
                               "wait for it, or give this run another --run-dir") from None
-        yield
+        try:
+            yield
+        except BaseException:
+            if discard and created and not _holds_evaluations(run_dir):
+                shutil.rmtree(run_dir, ignore_errors=True)  # still locked: no other run can have begun in it
+            raise
+
+
+def _holds_evaluations(run_dir: Path) -> bool:
+    """Whether the run folder's journal records an evaluation; a journal that cannot be read counts as
+    holding some, so that a failed start never deletes what it cannot see."""
+    journal = run_dir / JOURNAL
+    try:
+        return journal.is_file() and bool(Journal(journal, repair=False).of_type("evaluation"))
+    except Exception:  # noqa: BLE001 - the user's original error is the one to report
+        return True
 
 
 def set_aside(run_dir: Path) -> Path:
@@ -157,7 +204,7 @@ class Run:
         self.options = options
         self.journal = journal
         self.evaluator = evaluator
-        self.say = say
+        self.say = _beside_bars(say) if progress and sys.stderr.isatty() else say
         self.progress = progress
         self.saved = saved  # called whenever the journal has grown by a stage or a generation
         self.saved_at = len(journal.records)
@@ -241,14 +288,23 @@ class Run:
         self._count_failure(record)
         return record
 
+    def _evaluate_saying(self, label: Optional[str], merge: Merge, split: Split, kind: str, name: str,
+                         **extra: Any) -> Record:
+        """evaluate(), saying `label`'s score when it was scored now rather than replayed from the journal."""
+        known = len(self.journal.records)
+        record = self.evaluate(merge, split, kind, name, **extra)
+        if label and len(self.journal.records) > known and record["status"] == "ok":
+            self.say(f"{label}: {split} objective {record['objective']:.4f}")
+        return record
+
     def _score(self, merge: Merge, split: Split) -> Record:
         started = time.perf_counter()
         try:
             evaluation = self.evaluator.evaluate(merge, split)
-        except (ConfigFileError, KeyboardInterrupt):
-            raise  # a wrong recipe fails every candidate alike: stop at once
+        except (ConfigFileError, PoolError, KeyboardInterrupt):
+            raise  # a wrong recipe or a bad checkpoint fails every candidate alike: stop at once
         except Exception as exc:  # noqa: BLE001 - a failed candidate must not end the search
-            error = " ".join(f"{type(exc).__name__}: {exc}".split())
+            error = one_line(f"{type(exc).__name__}: {exc}")
             return {"status": "failed", "scores": None, "objective": None, "error": error,
                     "merge_seconds": None, "eval_seconds": round(time.perf_counter() - started, 4)}
         self.durations[split].append(evaluation.merge_seconds + evaluation.eval_seconds)
@@ -276,18 +332,24 @@ class Run:
 
     def baselines(self) -> Dict[str, Merge]:
         """Score every baseline on the search tasks, then on the holdout tasks (outside the budget)."""
+        count = len(self.pool.names)
+        # Each checkpoint, the uniform soup, at most count - 1 greedy steps and the greedy soup.
+        with self._progress("baselines, search tasks", 2 * count + 1) as bar:
 
-        def search_objective(merge: Merge, kind: str, name: str) -> Optional[float]:
-            known = len(self.journal.records)
-            record = self.evaluate(merge, "search", kind, name)
-            if len(self.journal.records) > known and record["status"] == "ok":  # scored now, not replayed
-                self.say(f"baseline {name}: search objective {record['objective']:.4f}")
-            return record["objective"]
+            def search_objective(merge: Merge, kind: str, name: str) -> Optional[float]:
+                # A greedy step is said by greedy_soup, with whether it was kept.
+                record = self._evaluate_saying(f"baseline {name}" if kind != "greedy-step" else None,
+                                               merge, "search", kind, name)
+                bar(1)
+                return record["objective"]
 
-        merges = baseline_merges(self.pool.names, search_objective)
-        self.evaluate(merges["greedy soup"][1], "search", "greedy", "greedy soup")
-        for name, (kind, merge) in merges.items():
-            self.evaluate(merge, "holdout", kind, name)
+            merges = baseline_merges(self.pool.names, search_objective, self.say)
+            self.evaluate(merges["greedy soup"][1], "search", "greedy", "greedy soup")
+            bar(1)
+        with self._progress("baselines, holdout tasks", len(merges)) as bar:
+            for name, (kind, merge) in merges.items():
+                self._evaluate_saying(f"baseline {name}", merge, "holdout", kind, name)
+                bar(1)
         self.save()
         self.baseline_kinds = {name: kind for name, (kind, merge) in merges.items()}
         return {name: merge for name, (kind, merge) in merges.items()}
@@ -301,7 +363,8 @@ class Run:
         failed_fitness = start["failed_fitness"]
         recorded = {record["id"]: record for record in self.journal.of_type("evaluation") if record["kind"] == "proposal"}
         evaluations = self._evaluations()
-        bar = self._progress_bar(evaluations)
+        # No bar when the budget is spent already: tqdm would show a count past its total as "200/None".
+        bar = self._progress_bar(evaluations) if evaluations < self.options.budget else None
         next_id = 0
         try:
             # Every journaled generation is replayed, even with no budget left: the selection starts from
@@ -337,8 +400,9 @@ class Run:
         if len(self.journal.records) == self.saved_at and not final:
             return  # replayed: nothing new
         if cma is not None:
-            write_atomically(self.options.run_dir / SEARCH_STATE, json.dumps(
-                {**cma.state(), "evaluations": self._evaluations(), "records": len(self.journal.records)}, indent=1))
+            with writing(self.options.run_dir / SEARCH_STATE, self.options.run_dir):
+                write_atomically(self.options.run_dir / SEARCH_STATE, json.dumps(
+                    {**cma.state(), "evaluations": self._evaluations(), "records": len(self.journal.records)}, indent=1))
         self.saved_at = len(self.journal.records)
         self.saved(final=final)
 
@@ -388,21 +452,39 @@ class Run:
     def _propose(self, point: List[float], proposal_id: int, generation: int) -> Record:
         merge = self.space.merge(point)
         name = f"{proposal_id:06d}"
-        write_merge_config(self.proposals_dir / f"{name}.yaml", merge, self.pool, self.recipe.merge.dtype,
-                           f"proposal {name} (generation {generation}) of {self.recipe.name}")
+        path = self.proposals_dir / f"{name}.yaml"
+        with writing(path, self.options.run_dir):
+            write_merge_config(path, merge, self.pool, self.recipe.merge.dtype,
+                               f"proposal {name} (generation {generation}) of {self.recipe.name}")
         return self.evaluate(merge, "search", "proposal", f"proposal {name}", id=proposal_id, generation=generation,
                              coordinates=point)
 
-    def _progress_bar(self, done: int):
+    def _progress_bar(self, done: int, desc: str = "search", total: Optional[int] = None):
+        """A tqdm bar on stderr (None without progress): the search's, or a stage's of `total` evaluations."""
         if not self.progress:
             return None
         from tqdm import tqdm
 
-        # In a log file (CI, `make demo | tee`) every redraw is a line: redraw every 30 s there.
+        # In a log file (CI, `make demo | tee`) every redraw is a line: redraw every 30 s there, and show a
+        # stage's bar only once it has taken that long (its lines say what it does meanwhile).
         interactive = sys.stderr.isatty()
-        return tqdm(total=self.options.budget, initial=done, desc="search", unit="eval", dynamic_ncols=True,
-                    mininterval=0.1 if interactive else 30.0,
+        return tqdm(total=self.options.budget if total is None else total, initial=done, desc=desc, unit="eval",
+                    dynamic_ncols=True, mininterval=0.1 if interactive else 30.0,
+                    delay=0.0 if interactive or total is None else 30.0,
                     bar_format="{desc}: {n}/{total} evaluations |{bar}| [{elapsed}<{remaining}{postfix}]")
+
+    @contextlib.contextmanager
+    def _progress(self, desc: str, total: int) -> Iterator[Callable[[int], None]]:
+        """A stage's bar, as a function that advances it: the baselines and the selection take minutes on
+        a real pool, and are shown as the search is. Replayed evaluations count too (they are instant)."""
+        bar = self._progress_bar(0, desc, total)
+        try:
+            yield (lambda steps: bar.update(steps)) if bar else (lambda steps: None)
+            if bar:
+                bar.total = bar.n  # done: the greedy soup may have taken fewer steps than planned
+        finally:
+            if bar:
+                bar.close()
 
     def select(self, baselines: Dict[str, Merge]) -> Optional[Record]:
         """Choose the winner (see selection.py) and journal the decision; None when nothing was scored."""
@@ -454,13 +536,16 @@ class Run:
         entries = [(name, self.baseline_kinds[name], merge) for name, merge in baselines.items()]
         entries += [(name, kind, merge) for name, (kind, merge) in self._finalists(baselines).items()]
         contenders: Dict[str, tuple] = {}
-        for name, kind, merge in entries:
-            searched = self._find(merge, "search")
-            record = self.evaluate(merge, "selection", "finalist" if kind in FINALIST_KINDS else kind, name, timed=False)
-            if record["status"] != "ok" or searched is None:
-                continue  # a merge that failed to score cannot win
-            contenders[name] = (Contender(name, kind, searched["objective"], record["objective"],
-                                          record.get("documents")), merge)
+        with self._progress("selection, held-back documents", len(entries)) as bar:
+            for name, kind, merge in entries:
+                searched = self._find(merge, "search")
+                record = self.evaluate(merge, "selection", "finalist" if kind in FINALIST_KINDS else kind, name,
+                                       timed=False)
+                bar(1)
+                if record["status"] != "ok" or searched is None:
+                    continue  # a merge that failed to score cannot win
+                contenders[name] = (Contender(name, kind, searched["objective"], record["objective"],
+                                              record.get("documents")), merge)
         return contenders
 
     def _decided(self, decision: Decision, merge: Merge, finalists: Sequence[str] = ()) -> Record:
@@ -478,10 +563,23 @@ class Run:
         if selected is None:
             return None
         merge = Merge(weights=selected["weights"], scale=selected["scale"])
-        self.evaluate(merge, "holdout", "optimized", selected["winner"], timed=False)  # the time reserved for it
-        write_merge_config(self.options.run_dir / "winner.yaml", merge, self.pool, self.recipe.merge.dtype,
-                           f"the winner of {self.recipe.name}: {selected['winner']} ({selected['reason']})")
+        # Untimed: the time budget reserved room for it.
+        self._evaluate_saying(f"winner {selected['winner']}", merge, "holdout", "optimized", selected["winner"], timed=False)
+        with writing(self.options.run_dir / WINNER, self.options.run_dir):
+            write_merge_config(self.options.run_dir / WINNER, merge, self.pool, self.recipe.merge.dtype,
+                               f"the winner of {self.recipe.name}: {selected['winner']} ({selected['reason']})")
         return merge
+
+
+def _beside_bars(say: Callable[[str], None]) -> Callable[[str], None]:
+    """`say`, moving any progress bar out of the way of the line (tqdm redraws it below)."""
+    from tqdm import tqdm
+
+    def said(line: str) -> None:
+        with tqdm.external_write_mode(file=sys.stderr):
+            say(line)
+
+    return said
 
 
 def proposals_evaluated(records: List[Record]) -> int:
@@ -505,8 +603,13 @@ def _close(a: List[float], b: List[float]) -> bool:
     return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-7, abs_tol=1e-9) for x, y in zip(a, b))
 
 
-def open_journal(recipe: Recipe, pool: Pool, options: RunOptions) -> Journal:
-    """The run folder's journal; refused when it holds a run of another recipe."""
+def open_journal(recipe: Recipe, pool: Pool, options: RunOptions, recipe_seed: Optional[int] = None,
+                 say: Callable[[str], None] = lambda line: None) -> Journal:
+    """The run folder's journal; refused when it holds a run of another recipe that has evaluated something.
+
+    `recipe_seed` is the recipe file's search.seed (`recipe` carries the command's --seed): with it, a
+    journal from before runs recorded their seed can still tell a seed that differs from the run's.
+    """
     journal = Journal(options.run_dir / JOURNAL)
     runs = journal.of_type("run")
     if runs:
@@ -515,14 +618,44 @@ def open_journal(recipe: Recipe, pool: Pool, options: RunOptions) -> Journal:
         # Runs from before winner selection chose by the search objective alone: `holdback: 0` continues them.
         legacy = "selection" not in earlier and not recipe.selection.enabled
         changed = [part for part in prints if prints[part] != earlier.get(part) and not (part == "selection" and legacy)]
+        if changed and not journal.of_type("evaluation"):
+            # Nothing was computed (a start that stopped on a typo, Ctrl-C, a killed first load): the fixed
+            # recipe takes the run over. The sessions stay as the history of what was asked; the run record
+            # is written afresh by start_session, and the other records (a finish) belonged to the old run.
+            journal.rewrite(journal.of_type("session"))
+            with contextlib.suppress(FileNotFoundError):
+                (options.run_dir / SEARCH_STATE).unlink()
+            say(f"{options.run_dir}: its earlier start evaluated nothing; this recipe ({', '.join(changed)} changed) "
+                "takes the run over")
+            return journal
         if changed == ["selection"] and "selection" not in earlier:
             raise RunDirError(options.run_dir, "holds a run from before winner selection, which searched every "
                               "document of the search tasks; continue it with `selection: {holdback: 0}` in the recipe, "
                               "or rerun with --restart to start over with part of them held back")
+        seed = _seed_of_run(runs[0], recipe, [recipe_seed] if recipe_seed is not None else []) if changed == ["search"] else None
+        if seed is not None:
+            how = (f"drop --seed (the recipe's search.seed is {seed})" if recipe_seed == seed
+                   else f"give --seed {seed}")
+            raise RunDirError(options.run_dir, f"holds a run searched with seed {seed}, and this command asks for seed "
+                              f"{recipe.search.seed}: to continue the run, {how}; to start over with seed "
+                              f"{recipe.search.seed}, rerun with --restart (the earlier run is set aside), or choose "
+                              "another --run-dir")
         if changed:
             raise RunDirError(options.run_dir, f"holds a run of a different recipe ({', '.join(changed)} changed); "
                               "rerun with --restart to set it aside and start over, or choose another --run-dir")
     return journal
+
+
+def _seed_of_run(run: Record, recipe: Recipe, seeds: Sequence[int]) -> Optional[int]:
+    """The seed `run` searched with, when the seed is all that tells its search settings from `recipe`'s.
+
+    Runs record their seed; for an older run, each of `seeds` is tried against its fingerprint.
+    """
+    earlier = (run.get("fingerprint") or {}).get("search")
+    for seed in ([run["seed"]] if "seed" in run else seeds):
+        if seed != recipe.search.seed and _digest(_search_settings(_with_seed(recipe, seed))) == earlier:
+            return seed
+    return None
 
 
 def run_identity(recipe: Recipe, pool: Pool) -> Record:
@@ -539,15 +672,21 @@ def run_identity(recipe: Recipe, pool: Pool) -> Record:
 def start_session(journal: Journal, recipe: Recipe, pool: Pool, options: RunOptions, recipe_text: str) -> None:
     """Journal what this run is (once, when it first gets going) and what this session was asked."""
     if not journal.of_type("run"):
-        journal.append({
+        run = {
             "type": "run", "version": 2, "recipe": recipe.name, "fingerprint": fingerprint(recipe, pool),
-            "started": now(), **run_identity(recipe, pool),
+            "started": now(), "seed": recipe.search.seed, **run_identity(recipe, pool),
             "tasks": [{"name": t.name, "search": t.search, "holdout": t.holdout, "metric": t.metric, "weight": t.weight}
                       for t in recipe.tasks],
-        })
-    journal.append({"type": "session", "started": now(), "budget": options.budget,
+        }
+        # The run record comes first; a run taken over by a fixed recipe keeps its earlier sessions after it.
+        if journal.records:
+            journal.rewrite([run, *journal.records])
+        else:
+            journal.append(run)
+    journal.append({"type": "session", "started": now(), "budget": options.budget, "seed": options.seed,
                     "time_budget": options.time_budget, "device": options.device})
-    write_atomically(options.run_dir / RECIPE_COPY, recipe_text)
+    with writing(options.run_dir / RECIPE_COPY, options.run_dir):
+        write_atomically(options.run_dir / RECIPE_COPY, recipe_text)
 
 
 def earlier_pins(options: RunOptions, hub_state: Optional["HubState"] = None) -> Dict[str, Any]:
@@ -557,15 +696,39 @@ def earlier_pins(options: RunOptions, hub_state: Optional["HubState"] = None) ->
     path = options.run_dir / JOURNAL
     if options.restart:
         return {}
-    runs = Journal(path, repair=False).of_type("run") if path.is_file() else []
+    runs = Journal(path, repair=False).of_type("run") if os.path.isfile(path) else []
     if not runs and hub_state is not None:
         runs = [record for record in hub_state.records if record.get("type") == "run"]
     return pins_from_run(runs[0] if runs else None)
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a run folder that cannot be one, naming the part of its path at fault: a file where a folder
+    must be, a name longer than the file system allows. Checked before anything is read or written."""
+    ancestor = run_dir
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    what = "a link to nothing" if ancestor.is_symlink() and not ancestor.exists() else "a file"
+    if ancestor == run_dir and not run_dir.is_dir():
+        raise RunDirError(run_dir, f"is {what}, not a run folder: choose another --run-dir (or output.run_dir)")
+    if not ancestor.is_dir():
+        raise RunDirError(run_dir, f"cannot be created: {ancestor} is {what}, not a folder; choose another "
+                          "--run-dir (or output.run_dir)")
+    try:
+        limit = os.pathconf(ancestor, "PC_NAME_MAX")
+    except OSError as exc:
+        raise RunDirError(run_dir, f"cannot be used: {ancestor}: {exc.strerror or exc}; choose another --run-dir "
+                          "(or output.run_dir)") from None
+    for name in run_dir.relative_to(ancestor).parts:
+        if len(os.fsencode(name)) > limit:
+            raise RunDirError(Path(shorten(str(run_dir), 120)), f"the folder name {shorten(name)!r} is "
+                              f"{len(os.fsencode(name))} bytes long, and the file system allows {limit}: choose a "
+                              "shorter --run-dir (or output.run_dir)")
+
+
 def prepare_run_dir(options: RunOptions, say: Callable[[str], None]) -> None:
-    if options.run_dir.exists() and not options.run_dir.is_dir():
-        raise RunDirError(options.run_dir, "is a file, not a run folder")
+    """Check the run folder's path and, for --restart, set an earlier run aside."""
+    check_run_dir(options.run_dir)
     if options.restart and (options.run_dir / JOURNAL).exists():
         with locked(options.run_dir):  # never move a run that another process is writing
             aside = set_aside(options.run_dir)
@@ -586,18 +749,23 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
     from mergekit_recycle.report import build_report, write_report
     from mergekit_recycle.resident_merge import resolve_device
 
+    recipe_seed = recipe.search.seed
     recipe = recipe.model_copy(update={"search": recipe.search.model_copy(update={"seed": options.seed,
                                                                                    "budget": options.budget})})
+    check_run_dir(options.run_dir)
+    device = resolve_device(options.device)  # before the run folder is made: a refused device leaves none behind
     pool = resolve_pool(recipe, source, pins=earlier_pins(options, hub_state))
     prepare_run_dir(options, say)
-    with locked(options.run_dir):
+    with locked(options.run_dir, discard=True):
         if hub_state is not None and not options.restart:
             hub_state.adopt(options.run_dir, run_identity(recipe, pool), say)
-        journal = open_journal(recipe, pool, options)
+        journal = open_journal(recipe, pool, options, recipe_seed, say)
+        done = proposals_evaluated(journal.records)
         if options.budget_is_increment:
-            options = dataclasses.replace(options, budget=proposals_evaluated(journal.records) + options.budget,
-                                          budget_is_increment=False)
-        device = resolve_device(options.device)
+            options = dataclasses.replace(options, budget=done + options.budget, budget_is_increment=False)
+        elif done and done >= options.budget:
+            say(f"the run already has {done} evaluations (budget {options.budget}): nothing more to search; "
+                "--budget +N searches N more")
         say(f"pool: {len(pool.checkpoints)} checkpoints ({', '.join(pool.names)}), device {device}")
         build = evaluator or (lambda *args: ResidentEvaluator(*args, in_memory=options.in_memory,
                                                               batch_size=options.batch_size))
@@ -645,7 +813,7 @@ def merge_winner(run_dir: Path, device: str, trust_remote_code: bool = False) ->
     from mergekit_recycle.merge import merge_yaml
 
     target, partial = run_dir / "merged", run_dir / "merged.partial"
-    config = (run_dir / "winner.yaml").read_text(encoding="utf-8")
+    config = (run_dir / WINNER).read_text(encoding="utf-8")
     written = target / "mergekit_config.yml"
     if written.is_file() and written.read_text(encoding="utf-8") == config:
         return target  # this winner is on disk already
@@ -653,15 +821,17 @@ def merge_winner(run_dir: Path, device: str, trust_remote_code: bool = False) ->
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # mergekit's own deprecation warnings are not our user's business
     try:
-        merge_yaml(run_dir / "winner.yaml", partial,
+        merge_yaml(run_dir / WINNER, partial,
                    MergeOptions(cuda=device.startswith("cuda"), lazy_unpickle=True, copy_tokenizer=True, quiet=True,
-                                trust_remote_code=trust_remote_code))
+                                trust_remote_code=trust_remote_code),
+                   name=_recipe_name(run_dir))
     except RecycleError:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     except Exception as exc:  # noqa: BLE001 - mergekit and torch raise many kinds; each ends as one line
+        being_written = _newest_file(partial)  # where a full disk stopped the merge
         shutil.rmtree(partial, ignore_errors=True)
-        raise _merge_failed(run_dir, exc) from None
+        raise _merge_failed(run_dir, exc, being_written) from None
     finally:
         transformers_logging.set_verbosity(verbosity)
     shutil.rmtree(target, ignore_errors=True)
@@ -669,12 +839,37 @@ def merge_winner(run_dir: Path, device: str, trust_remote_code: bool = False) ->
     return target
 
 
-def _merge_failed(run_dir: Path, exc: Exception) -> FinalMergeError:
-    """Journal a failed merge of the winner and rewrite the report (not finished); the error to raise."""
+def _recipe_name(run_dir: Path) -> str:
+    runs = Journal(run_dir / JOURNAL, repair=False).of_type("run")
+    return runs[0]["recipe"] if runs else "merged"
+
+
+def _newest_file(folder: Path) -> Optional[Path]:
+    """The file last written in `folder` (None when there is none)."""
+    try:
+        files = [path for path in folder.iterdir() if path.is_file() or path.is_symlink()]
+    except OSError:
+        return None
+    return max(files, key=lambda path: path.lstat().st_mtime_ns, default=None)
+
+
+def _merge_failed(run_dir: Path, exc: Exception, being_written: Optional[Path] = None) -> FinalMergeError:
+    """Journal a failed merge of the winner and rewrite the report (not finished); the error to raise.
+
+    `being_written` is the file last written in merged.partial/: named when the error is the disk's.
+    """
     from mergekit_recycle.architecture import read_architecture
     from mergekit_recycle.report import build_report, write_report
 
-    reason = " ".join(str(exc).split()) or type(exc).__name__
+    reason = one_line(exc) or type(exc).__name__
+    # safetensors removes the shard it failed to write, so the newest file left names it only when it
+    # is not finished weights; otherwise the weights are what was being written.
+    written = ("*.safetensors (the weights)" if being_written is None or being_written.suffix == ".safetensors"
+               else being_written.name)
+    if isinstance(exc, OSError) and exc.filename:  # Python names the file itself
+        written = Path(exc.filename).name
+    disk_full = (isinstance(exc, OSError) and exc.errno in DISK_FULL) or DISK_ERROR.search(reason)
+    writing_file = f"writing merged/{written}: " if disk_full else ""
     named = re.search(r"[Tt]ensor ([\w.\-]+)", reason)
     tensor = named.group(1) if named else None
     journal = Journal(run_dir / JOURNAL)
@@ -683,7 +878,7 @@ def _merge_failed(run_dir: Path, exc: Exception) -> FinalMergeError:
         architecture = read_architecture(Path(runs[0]["checkpoints"][0]["path"]))
     except (OSError, ValueError, IndexError, KeyError):
         architecture = "the pool's architecture"
-    error = FinalMergeError(run_dir, architecture, f"{type(exc).__name__}: {reason}", tensor)
+    error = FinalMergeError(run_dir, architecture, f"{writing_file}{type(exc).__name__}: {reason}", tensor)
     journal.append({"type": "merge_failed", "time": now(), "architecture": architecture, "tensor": tensor,
                     "error": error.reason})
     write_report(run_dir, build_report(journal.records), journal.records)

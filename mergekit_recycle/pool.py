@@ -12,15 +12,16 @@ config.json and the safetensors headers (no tensor is loaded). Tensors the model
 the comparison and of every merge; a model parameter that no tensor would write is refused.
 """
 
+from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
 from pydantic import BaseModel, ConfigDict
 from safetensors import safe_open
 
-from mergekit_recycle.architecture import TensorMap, read_architecture, tensor_map, unsupported_reason
-from mergekit_recycle.errors import PoolError
+from mergekit_recycle.architecture import TensorMap, config_problem, read_architecture, tensor_map, unsupported_reason
+from mergekit_recycle.errors import PoolError, one_line
 from mergekit_recycle.recipe import HubCheckpoints, LocalCheckpoint, PoolEntry, Recipe
 
 
@@ -144,11 +145,14 @@ def _read_layout(checkpoint: Checkpoint, source: Path) -> TensorLayout:
     try:
         architecture = read_architecture(checkpoint.path)
     except (OSError, ValueError) as exc:
-        raise refuse(f"cannot read config.json ({exc})") from None
+        raise refuse(config_problem(exc)) from None
+    first = next((name for name in WEIGHT_FILES if (checkpoint.path / name).is_file()), None)
+    if first is None:
+        raise refuse(f"no model weights found (none of {', '.join(WEIGHT_FILES)})")
     try:
         index = ShardedTensorIndex.from_disk(str(checkpoint.path))
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise refuse(f"no model weights found ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError, an index KeyError
+        raise refuse(_unreadable(first, exc)) from None
     if not index.is_safetensors and not checkpoint.allow_pickle:
         raise refuse("has only pickle weights (pytorch_model.bin), which can run code when loaded; convert them "
                      "to safetensors, or set `allow_pickle: true` on its entry if you trust them")
@@ -159,8 +163,18 @@ def _read_layout(checkpoint: Checkpoint, source: Path) -> TensorLayout:
                 shapes[key], dtypes[key] = shape, dtype
                 nbytes += _nbytes(shape, dtype)
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
-            raise refuse(f"cannot read {shard.filename} ({type(exc).__name__}: {exc})") from None
+            raise refuse(_unreadable(shard.filename, exc)) from None
     return TensorLayout(architecture=architecture, shapes=shapes, dtypes=dtypes, nbytes=nbytes)
+
+
+# What mergekit's ShardedTensorIndex reads first, in its order of preference.
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+def _unreadable(filename: str, exc: Exception) -> str:
+    """Why a weights file cannot be used (a truncated or overwritten safetensors file, a bad shard index)."""
+    return (f"cannot read {filename} ({type(exc).__name__}: {one_line(exc, 160)}); the file is damaged or incomplete: "
+            "copy or download it again")
 
 
 def _tensor_headers(path: Path, is_safetensors: bool) -> Iterator[Tuple[str, Tuple[int, ...], str]]:
@@ -211,13 +225,18 @@ def model_skeleton(checkpoint: Checkpoint, trust_remote_code: bool = False):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def _skeleton_for(checkpoint: Checkpoint, source: Path, trust_remote_code: bool):
+def _skeleton_for(checkpoint: Checkpoint, source: Path, trust_remote_code: bool, skeletons: Dict[bytes, Any]):
+    """The checkpoint's model skeleton, built once per distinct config.json (a pool's are mostly the same)."""
+    key = _config_key(checkpoint)
+    if key in skeletons:
+        return skeletons[key]
     try:
-        return model_skeleton(checkpoint, trust_remote_code)
+        skeletons[key] = model_skeleton(checkpoint, trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a config it cannot build
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise PoolError(source, checkpoint.location, str(checkpoint.path),
                         f"transformers cannot build a causal LM from its config.json ({type(exc).__name__}: {reason})") from None
+    return skeletons[key]
 
 
 def check_written(mapped: TensorMap, checkpoint: Checkpoint, source: Path) -> TensorMap:
@@ -230,31 +249,37 @@ def check_written(mapped: TensorMap, checkpoint: Checkpoint, source: Path) -> Te
 
 def check_compatible(checkpoints: List[Checkpoint], source: Path, trust_remote_code: bool = False,
                      allow_untested: bool = False) -> TensorLayout:
-    """The layout every checkpoint shares (of the tensors the model loads); PoolError naming the first
-    checkpoint and tensor that differ, or a parameter no tensor writes."""
-    reference = checkpoints[0]
-    layout = _read_layout(reference, source)
-    unsupported = unsupported_reason(layout.architecture)
-    if unsupported is not None and not allow_untested:
-        raise PoolError(source, reference.location, str(reference.path), unsupported)
-    skeleton = _skeleton_for(reference, source, trust_remote_code)
-
-    def loaded(full: TensorLayout, checkpoint: Checkpoint) -> TensorLayout:
-        mapped = check_written(tensor_map(skeleton, full.shapes), checkpoint, source)
-        return full.restricted([n for n in full.shapes if n in mapped.targets], mapped.targets, mapped.left_out)
-
-    layout = loaded(layout, reference)
-    for checkpoint in checkpoints[1:]:
-        other = _read_layout(checkpoint, source)
+    """The layout every checkpoint shares (of the tensors the model loads); PoolError naming the checkpoint
+    at fault: one whose files cannot be read, whose tensors do not fit its own config.json, a parameter no
+    tensor writes, or one unlike the others (the odd one out where most agree, else the later one)."""
+    full = [_read_layout(checkpoint, source) for checkpoint in checkpoints]
+    for checkpoint, layout in zip(checkpoints, full):
+        unsupported = unsupported_reason(layout.architecture)
+        if unsupported is not None and not allow_untested:
+            raise PoolError(source, checkpoint.location, str(checkpoint.path), unsupported)
+    # Each checkpoint against its own config.json first: of two that differ, the one whose config.json is
+    # not its weights' is the one at fault.
+    skeletons: Dict[bytes, Any] = {}
+    mapped = [_self_consistent(layout, checkpoint, source, trust_remote_code, skeletons)
+              for checkpoint, layout in zip(checkpoints, full)]
+    reference = checkpoints[_common_architecture(checkpoints, [layout.architecture for layout in full], source)]
+    # Every checkpoint's tensors as the reference's model loads them (a tied copy is left out, say).
+    skeleton = _skeleton_for(reference, source, trust_remote_code, skeletons)
+    loaded = []
+    for checkpoint, layout, own in zip(checkpoints, full, mapped):
+        same_model = skeletons[_config_key(checkpoint)] is skeleton
+        on_reference = own if same_model else check_written(tensor_map(skeleton, layout.shapes), checkpoint, source)
+        loaded.append(layout.restricted([n for n in layout.shapes if n in on_reference.targets], on_reference.targets,
+                                        on_reference.left_out))
+    index = _typical([tuple(sorted(layout.shapes.items())) for layout in loaded])
+    reference, layout = checkpoints[index], loaded[index]
+    for checkpoint, other in zip(checkpoints, loaded):
 
         def refuse(message: str, tensor: Optional[str] = None) -> PoolError:
             return PoolError(source, checkpoint.location, str(checkpoint.path), message + f" ({reference.location}, "
                              f"{reference.name}, has {_describe(layout, tensor) if tensor else layout.architecture})",
                              tensor=tensor)
 
-        if other.architecture != layout.architecture:
-            raise refuse(f"architecture {other.architecture}")
-        other = loaded(other, checkpoint)
         for tensor in layout.shapes:
             if tensor not in other.shapes:
                 raise refuse(f"tensor {tensor} is missing", tensor) from None
@@ -267,26 +292,68 @@ def check_compatible(checkpoints: List[Checkpoint], source: Path, trust_remote_c
     return layout
 
 
+def _typical(values: Sequence[Hashable]) -> int:
+    """The index of the first of the most common values: what the others are compared with, so that an odd
+    one out is the one named (on a tie, the later one, as in recipe order)."""
+    counts = Counter(values)
+    most = max(counts.values())
+    return next(index for index, value in enumerate(values) if counts[value] == most)
+
+
+def _common_architecture(checkpoints: Sequence[Checkpoint], architectures: Sequence[str], source: Path) -> int:
+    """The index of the checkpoint whose architecture every other must share; PoolError naming one of another."""
+    index = _typical(architectures)
+    reference, architecture = checkpoints[index], architectures[index]
+    for checkpoint, other in zip(checkpoints, architectures):
+        if other != architecture:
+            raise PoolError(source, checkpoint.location, str(checkpoint.path),
+                            f"architecture {other} ({reference.location}, {reference.name}, has {architecture}): the "
+                            "checkpoints of a pool share one architecture; check its config.json, or drop it from the pool")
+    return index
+
+
+def _config_key(checkpoint: Checkpoint) -> bytes:
+    """What a model skeleton depends on: config.json as written (already read once, so readable)."""
+    return (checkpoint.path / "config.json").read_bytes()
+
+
+def _self_consistent(layout: TensorLayout, checkpoint: Checkpoint, source: Path, trust_remote_code: bool,
+                     skeletons: Dict[bytes, Any]) -> TensorMap:
+    """How the model built from the checkpoint's own config.json loads its tensors; PoolError when a parameter
+    is left unwritten or a tensor's shape is not the parameter's (a config.json that is not these weights',
+    e.g. another vocab_size), which transformers would refuse only when the candidates are loaded."""
+    skeleton = _skeleton_for(checkpoint, source, trust_remote_code, skeletons)
+    mapped = check_written(tensor_map(skeleton, layout.shapes), checkpoint, source)
+    state = skeleton.state_dict()
+    for tensor, target in mapped.targets.items():
+        expected = tuple(state[target].shape)
+        if layout.shapes[tensor] != expected:
+            raise PoolError(source, checkpoint.location, str(checkpoint.path),
+                            f"tensor {tensor} has shape {list(layout.shapes[tensor])} but the model its config.json "
+                            f"describes has {list(expected)}{'' if target == tensor else f' for {target}'}: "
+                            "config.json does not belong to these "
+                            "weights (compare vocab_size and the layer sizes); copy in the one saved with them",
+                            tensor=tensor)
+    return mapped
+
+
 def _describe(layout: TensorLayout, tensor: str) -> str:
     return f"shape {list(layout.shapes[tensor])}" if tensor in layout.shapes else "no such tensor"
 
 
 def local_architectures(recipe: Recipe, source: Path) -> Dict[str, str]:
-    """recipe field -> the architecture of each local checkpoint (pool and anchor), read from config.json alone;
-    PoolError for one outside the tested matrix unless the recipe allows it. Hub entries are checked as they are pulled."""
-    entries = [(f"pool[{i}]", entry) for i, entry in enumerate(recipe.pool)] + [("base", recipe.base)]
-    found = {}
-    for location, entry in entries:
-        if not isinstance(entry, LocalCheckpoint):
-            continue
-        try:
-            found[location] = read_architecture(entry.path)
-        except (OSError, ValueError) as exc:
-            raise PoolError(source, location, str(entry.path), f"cannot read config.json ({exc})") from None
-        reason = unsupported_reason(found[location])
-        if reason is not None and not recipe.merge.allow_untested_architecture:
-            raise PoolError(source, location, str(entry.path), reason)
-    return found
+    """recipe field -> the architecture of each local checkpoint (pool and anchor), once the local checkpoints
+    are known to be mergeable (check_compatible: config.json and the tensor headers, no tensor is loaded).
+    Hub entries are checked as they are pulled."""
+    pool = [resolve_local(entry, f"pool[{i}]", source)[0] for i, entry in enumerate(recipe.pool)
+            if isinstance(entry, LocalCheckpoint)]
+    base = resolve_local(recipe.base, "base", source) if isinstance(recipe.base, LocalCheckpoint) else []
+    outside = [checkpoint for checkpoint in base if checkpoint.path not in {c.path for c in pool}]
+    if not pool + outside:
+        return {}
+    layout = check_compatible(_unique_names(pool + outside), source, recipe.merge.trust_remote_code,
+                              recipe.merge.allow_untested_architecture)
+    return {checkpoint.location: layout.architecture for checkpoint in pool + base}
 
 
 def resolve_pool(recipe: Recipe, source: Path, pins: Optional[Mapping[str, Any]] = None,

@@ -5,6 +5,7 @@ and the settings of the search, the merge and the output; a run is a plan applie
 it. Every relative path in a recipe is relative to the folder of the recipe file.
 """
 
+import errno
 import re
 from pathlib import Path
 from typing import Annotated, Any, Dict, Literal, Optional, Tuple, Union
@@ -27,7 +28,8 @@ from pydantic import (
 )
 
 from mergekit_recycle.config_files import read_yaml, validate_model
-from mergekit_recycle.errors import RecipeError, RecipeFileNotFoundError
+from mergekit_recycle.constants import MAX_SEED
+from mergekit_recycle.errors import RecipeError, RecipeFileNotFoundError, shorten
 from mergekit_recycle.simplex import normalise
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -35,8 +37,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 
 def _repo_id(value: str) -> str:
-    if not _REPO_ID.match(value):
-        raise ValueError(f"{value!r} is not a Hub repo id of the form org/name")
+    if not _REPO_ID.match(value) or len(value) > 96:  # the Hub's limit; a longer one is echoed only in part
+        raise ValueError(f"{shorten(repr(value))} is not a Hub repo id of the form org/name (at most 96 characters)")
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -49,17 +51,33 @@ def _repo_id(value: str) -> str:
 
 def _name(value: str) -> str:
     if not _NAME.match(value):
-        raise ValueError(f"{value!r} is not a name: use letters, digits, '.', '_' and '-' (at most 96)")
+        raise ValueError(f"{shorten(repr(value))} is not a name: use letters, digits, '.', '_' and '-' (at most 96)")
+    return value
+
+
+def _task_name(value: str) -> str:
+    """An lm-eval task name as written: a space in it is a typo lm-eval would not forgive either."""
+    if not value.strip():
+        raise ValueError("an lm-eval task name is needed")
+    if any(char.isspace() for char in value):
+        raise ValueError(f"{shorten(repr(value))} has spaces in it: lm-eval task names have none (remove them)")
     return value
 
 
 RepoId = Annotated[str, AfterValidator(_repo_id)]
 Name = Annotated[str, AfterValidator(_name)]
 NonEmpty = Annotated[str, StringConstraints(min_length=1, strip_whitespace=True)]
+TaskName = Annotated[str, AfterValidator(_task_name)]
 # Strict: a recipe that says `budget: true` or `sigma0: "0.3"` is wrong, not coerced.
-PositiveInt = Annotated[StrictInt, Field(gt=0)]
 NonNegativeFloat = Annotated[StrictFloat, Field(ge=0)]
-PositiveFloat = Annotated[StrictFloat, Field(gt=0)]
+# Documented ranges (README, recipe reference): beyond them a value is a typo, and would fail
+# only after evaluations (cma's seed, an overflowing scale, a step size that JSON cannot hold).
+MAX_LIMIT = 10**9
+MIN_WEIGHT, MAX_WEIGHT = 1e-6, 1e6
+MIN_SIGMA0, MAX_SIGMA0 = 1e-6, 10.0
+MIN_SCALE, MAX_SCALE = 1e-3, 1e3
+MAX_BUDGET = 10**9
+MAX_POPULATION = 10**4
 # lm-eval metric names, optionally with a filter: `acc`, `exact_match,strict-match`.
 MetricName = Annotated[str, StringConstraints(pattern=r"^[^,\s]+(,[^,\s]+)?$")]
 
@@ -74,7 +92,21 @@ def _recipe_dir(info: ValidationInfo) -> Path:
 
 
 def _resolve(path: Path, info: ValidationInfo) -> Path:
-    return (_recipe_dir(info) / Path(path).expanduser()).resolve()
+    """`path` made absolute against the recipe's folder. A path the system cannot follow (a symlink
+    loop, a name too long) is a ValueError, so that the error names the recipe field."""
+    try:
+        full = _recipe_dir(info) / Path(path).expanduser()
+        resolved = full.resolve()
+        resolved.exists()  # an over-long name fails here, not in resolve()
+    except RuntimeError as exc:  # Python < 3.13 reports a symlink loop (and an unknown ~user) so
+        loop = "loop" in str(exc)
+        raise ValueError(f"{shorten(path)} is a symlink loop: point it at a real folder" if loop
+                         else f"cannot use {shorten(path)}: {exc}") from None
+    except OSError as exc:
+        reason = "is a symlink loop: point it at a real folder" if exc.errno == errno.ELOOP else \
+            f"cannot be used: {exc.strerror or exc}"
+        raise ValueError(f"{shorten(path)} {reason}") from None
+    return resolved
 
 
 class LocalCheckpoint(Frozen):
@@ -88,11 +120,12 @@ class LocalCheckpoint(Frozen):
     def _exists(cls, path: Path, info: ValidationInfo) -> Path:
         resolved = _resolve(path, info)
         if not resolved.exists():
-            raise ValueError(f"no such checkpoint directory: {resolved}")
+            raise ValueError(f"no such checkpoint directory: {shorten(resolved, 200)}")
         if not resolved.is_dir():
-            raise ValueError(f"not a directory: {resolved}")
+            raise ValueError(f"not a directory: {shorten(resolved, 200)}")
         if not (resolved / "config.json").is_file():
-            raise ValueError(f"not a checkpoint directory (no config.json): {resolved}")
+            empty = "an empty folder" if not any(resolved.iterdir()) else "not a checkpoint directory"
+            raise ValueError(f"{empty} (no config.json): {shorten(resolved, 200)}")
         return resolved
 
     @property
@@ -126,9 +159,9 @@ class HubCheckpoints(Frozen):
         paths = tuple("/".join(part for part in value.split("/") if part not in ("", ".")) for value in values)
         for value, path in zip(values, paths):
             if not path:
-                raise ValueError(f"{value!r} is the repo root: for a checkpoint at the root, leave out subfolders")
+                raise ValueError(f"{shorten(repr(value))} is the repo root: for a checkpoint at the root, leave out subfolders")
             if ".." in path.split("/"):
-                raise ValueError(f"{value!r} is not a folder inside the repo")
+                raise ValueError(f"{shorten(repr(value))} is not a folder inside the repo")
         return paths
 
     @field_validator("revisions", "subfolders")
@@ -136,7 +169,7 @@ class HubCheckpoints(Frozen):
     def _unique(cls, values: Optional[Tuple[str, ...]]) -> Optional[Tuple[str, ...]]:
         for value in values or ():
             if values.count(value) > 1:
-                raise ValueError(f"{value!r} is listed twice")
+                raise ValueError(f"{shorten(repr(value))} is listed twice")
         return values
 
     @property
@@ -179,16 +212,27 @@ class TaskSpec(Frozen):
     """One capability: an lm-eval task scored during the search, and its held-out twin."""
 
     name: Name
-    search: NonEmpty
-    holdout: NonEmpty
+    search: TaskName
+    holdout: TaskName
     metric: MetricName
+    # 0 reports a task without scoring the objective on it; a positive weight is within
+    # [MIN_WEIGHT, MAX_WEIGHT], so that every share of the objective is a number the report can print.
     weight: NonNegativeFloat = 1.0
-    limit: Optional[PositiveInt] = None
+    limit: Optional[Annotated[StrictInt, Field(gt=0, le=MAX_LIMIT)]] = None
+
+    @field_validator("weight")
+    @classmethod
+    def _weight_in_range(cls, weight: float) -> float:
+        if weight != 0 and not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+            raise ValueError(f"{weight!r} is out of range: a weight is 0 (report only) or between "
+                             f"{MIN_WEIGHT:g} and {MAX_WEIGHT:g}; weights are relative, so scale them all alike")
+        return weight
 
     @model_validator(mode="after")
     def _holdout_is_held_out(self) -> "TaskSpec":
         if self.search == self.holdout:
-            raise ValueError(f"search and holdout are both {self.search!r}; the holdout task must not be seen by the search")
+            raise ValueError(f"search and holdout are both {shorten(repr(self.search))}; the holdout task must not be "
+                             "seen by the search")
         return self
 
     @property
@@ -197,13 +241,18 @@ class TaskSpec(Frozen):
         return self.metric if "," in self.metric else f"{self.metric},none"
 
 
-ScaleRange = Tuple[PositiveFloat, PositiveFloat]
+Scale = Annotated[StrictFloat, Field(ge=MIN_SCALE, le=MAX_SCALE)]
+ScaleRange = Tuple[Scale, Scale]
 
 
 def _scale_shape(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
             raise ValueError(f"scale is a number or a [lo, hi] pair, got a list of {len(value)}")
+        # Said here: pydantic would report only that the pair is not a number.
+        if all(isinstance(v, float) for v in value) and not all(MIN_SCALE <= v <= MAX_SCALE for v in value):
+            raise ValueError(f"a scale range must lie within [{MIN_SCALE:g}, {MAX_SCALE:g}], got "
+                             f"[{value[0]:g}, {value[1]:g}]")
         return tuple(value)
     return value
 
@@ -211,11 +260,13 @@ def _scale_shape(value: Any) -> Any:
 class SearchSettings(Frozen):
     """CMA-ES settings. `scale` is a number, or a [lo, hi] range to search (needs a base)."""
 
-    budget: PositiveInt = 100
-    population: Optional[Annotated[StrictInt, Field(ge=2)]] = None
-    sigma0: PositiveFloat = 0.25
-    seed: Annotated[StrictInt, Field(ge=0, lt=2**32)] = 0
-    scale: Annotated[Union[PositiveFloat, ScaleRange], BeforeValidator(_scale_shape)] = Field(default=1.0, union_mode="left_to_right")
+    budget: Annotated[StrictInt, Field(gt=0, le=MAX_BUDGET)] = 100
+    population: Optional[Annotated[StrictInt, Field(ge=2, le=MAX_POPULATION)]] = None
+    # In units of weight (the weights sum to 1): below MIN_SIGMA0 no step changes a merge, above
+    # MAX_SIGMA0 every step is a random restart.
+    sigma0: Annotated[StrictFloat, Field(ge=MIN_SIGMA0, le=MAX_SIGMA0)] = 0.25
+    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] = 0
+    scale: Annotated[Union[Scale, ScaleRange], BeforeValidator(_scale_shape)] = Field(default=1.0, union_mode="left_to_right")
 
     @field_validator("scale")
     @classmethod
@@ -259,10 +310,24 @@ class MergeSettings(Frozen):
     allow_untested_architecture: StrictBool = False
 
 
+def default_run_dir(name: str) -> Path:
+    """Where a run goes when the recipe sets no output.run_dir: runs/<name> in the recipe's folder
+    (relative to it, as every path in a recipe), so that a recipe means the same run from any
+    working directory."""
+    return Path("runs") / name
+
+
 class OutputSettings(Frozen):
     run_dir: Optional[Path] = None
     hub_repo: Optional[RepoId] = None
     private: StrictBool = True
+
+    @field_validator("run_dir")
+    @classmethod
+    def _resolved(cls, run_dir: Optional[Path], info: ValidationInfo) -> Optional[Path]:
+        """Resolved here, so that a path the system cannot follow is reported at output.run_dir
+        (the default, which needs the recipe's name, is the recipe's to resolve)."""
+        return None if run_dir is None else _resolve(run_dir, info)
 
 
 class Recipe(Frozen):
@@ -292,8 +357,9 @@ class Recipe(Frozen):
     @field_validator("output")
     @classmethod
     def _run_dir(cls, output: OutputSettings, info: ValidationInfo) -> OutputSettings:
-        run_dir = output.run_dir if output.run_dir is not None else Path("runs") / info.data.get("name", "recipe")
-        return output.model_copy(update={"run_dir": _resolve(run_dir, info)})
+        if output.run_dir is not None:
+            return output
+        return output.model_copy(update={"run_dir": _resolve(default_run_dir(info.data.get("name", "recipe")), info)})
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
@@ -306,12 +372,13 @@ class Recipe(Frozen):
         names = [task.name for task in self.tasks]
         for index, name in enumerate(names):
             if names.index(name) != index:
-                raise ValueError(f"tasks[{index}].name: {name!r} is used by tasks[{names.index(name)}] too")
+                raise ValueError(f"tasks[{index}].name: {shorten(repr(name))} is used by tasks[{names.index(name)}] too")
         searched = [task.search for task in self.tasks]
         for index, task in enumerate(self.tasks):
             if task.holdout in searched:
                 raise ValueError(
-                    f"tasks[{index}].holdout: {task.holdout!r} is searched by tasks[{searched.index(task.holdout)}]; "
+                    f"tasks[{index}].holdout: {shorten(repr(task.holdout))} is searched by "
+                    f"tasks[{searched.index(task.holdout)}]; "
                     "a holdout task must never be seen by the search"
                 )
         if not any(task.weight > 0 for task in self.tasks):
@@ -378,5 +445,8 @@ def describe_recipe(recipe: Recipe, source: Optional[Path] = None) -> str:
                  + (", trust_remote_code=true" if recipe.merge.trust_remote_code else ""))
     output = recipe.output
     hub = output.hub_repo or "none (not published)"
-    lines.append(f"output   run_dir={output.run_dir}, hub_repo={hub}, private={str(output.private).lower()}")
+    # The default is relative to the recipe's folder, as every path in a recipe, not to the working directory.
+    default = source is not None and output.run_dir == source.parent.resolve() / default_run_dir(recipe.name)
+    default = f" (the default: runs/{recipe.name} in the recipe's folder)" if default else ""
+    lines.append(f"output   run_dir={output.run_dir}{default}, hub_repo={hub}, private={str(output.private).lower()}")
     return "\n".join(lines)

@@ -83,3 +83,16 @@ def recycle_linear(
         # θ_a + s·(avg − θ_a) = s·avg + (1 − s)·θ_a
         result.mul_(scale).add_(base.tensor.to(dtype), alpha=1.0 - scale)
     return result.to(first.dtype)
+
+
+def register_method() -> None:
+    """Make `recycle_linear` known to mergekit by name (idempotent): mergekit-yaml, run_merge and
+    merge_state_dicts look merge methods up in its registry."""
+    from mergekit.merge_methods import registry
+
+    if RECYCLE_LINEAR not in {method.spec.name for method in registry.registered_methods()}:
+        registry.register(recycle_linear)
+
+
+# Whoever imports the method, mergekit knows it (plugin.py imports this module for mergekit-yaml).
+register_method()

@@ -7,11 +7,11 @@ a run that is still going (the winner so far, without a holdout score until the 
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from mergekit_recycle.config_files import write_atomically
 from mergekit_recycle.errors import RunDirError
-from mergekit_recycle.journal import JOURNAL, Journal
+from mergekit_recycle.journal import JOURNAL, Journal, writing
 from mergekit_recycle.selection import Interval, interval
 from mergekit_recycle.simplex import normalise
 
@@ -21,6 +21,10 @@ BASELINE_KINDS = ("checkpoint", "uniform", "greedy")
 USED_WEIGHT = 0.01
 # What the winner is compared with on the holdout tasks.
 MARGIN_LABELS = ("best checkpoint", "uniform soup", "greedy soup")
+# tasks.png: a task whose search scores all lie within this of each other is left out (it would show
+# nothing but noise on a stretched axis), and at most this many panels are drawn.
+FLAT_SPREAD = 0.01
+MAX_PANELS = 6
 
 
 def _evaluations(records: List[Record], split: Optional[str] = None, ok: bool = True) -> List[Record]:
@@ -314,6 +318,33 @@ def summary(report: Dict[str, Any], records: List[Record]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def task_panels(tasks: List[str], points: List[Dict[str, float]]) -> Tuple[List[Tuple[str, str]], List[str]]:
+    """The (x, y) pairs tasks.png plots, and the flat tasks it leaves out.
+
+    `points` are the search scores (with "objective") of every merge plotted. A task on which every
+    merge scores within FLAT_SPREAD of every other would get an axis of, say, 0.9965-1.0 that shows
+    nothing: it is left out. With fewer than two tasks left, the objective is the other axis.
+    """
+    def spread(axis: str) -> float:
+        values = [point[axis] for point in points if axis in point]
+        return max(values) - min(values) if values else 0.0
+
+    informative = [task for task in tasks if spread(task) >= FLAT_SPREAD]
+    flat = [task for task in tasks if task not in informative]
+    axes = informative if len(informative) >= 2 else (informative or tasks[:1]) + ["objective"]
+    return [(a, b) for i, a in enumerate(axes) for b in axes[i + 1:]][:MAX_PANELS], flat
+
+
+def search_start(report: Dict[str, Any], records: List[Record]) -> Dict[str, float]:
+    """name -> search objective of the baselines CMA-ES started from and was shown (pycma's inject):
+    the best so far of the search starts from the best of them, not from its first proposal."""
+    started = next((r for r in records if r.get("type") == "search"), None)
+    objectives = {row["name"]: row["search"]["objective"] for row in report["rows"]
+                  if row["kind"] in BASELINE_KINDS and row["search"]}
+    names = [started["start"], *started["injected"]] if started else []
+    return {name: objectives[name] for name in names if name in objectives}
+
+
 def plot(run_dir: Path, report: Dict[str, Any], records: List[Record]) -> List[Path]:
     """progress.png, tasks.png and weights.png in run_dir."""
     import matplotlib
@@ -324,37 +355,68 @@ def plot(run_dir: Path, report: Dict[str, Any], records: List[Record]) -> List[P
     paths = []
     proposals = [r for r in _evaluations(records, "search") if r["kind"] == "proposal" and r["reused"] is None]
     baselines = [row for row in report["rows"] if row["kind"] != "optimized" and row["search"]]
+    kind_colors = {"checkpoint": "grey", "uniform": "tab:green", "greedy": "tab:red"}
 
     figure, axes = plt.subplots(figsize=(7, 4))
     values = [r["objective"] for r in proposals]
-    best = [max(values[: i + 1]) for i in range(len(values))]
+    shown = search_start(report, records)
+    best, so_far = [], max(shown.values(), default=float("-inf"))
+    for value in values:
+        so_far = max(so_far, value)
+        best.append(so_far)
+    kinds = {row["name"]: row["kind"] for row in baselines}
+    for index, (name, value) in enumerate(shown.items()):
+        axes.plot([0], [value], "D", color=kind_colors[kinds[name]],
+                  label=f"{'CMA-ES started from' if index == 0 else 'shown to CMA-ES'}: {name}")
     axes.plot(range(1, len(values) + 1), values, ".", alpha=0.6, label="proposal")
-    axes.plot(range(1, len(values) + 1), best, "-", label="best proposal so far")
+    if shown:
+        axes.plot(range(0, len(values) + 1), [max(shown.values())] + best, "-", label="best so far (with the start)")
+    else:
+        axes.plot(range(1, len(values) + 1), best, "-", label="best proposal so far")
+    singles = [r["search"]["objective"] for r in baselines if r["kind"] == "checkpoint"]
     for row in baselines:
-        if row["kind"] != "checkpoint" or row["search"]["objective"] == max(r["search"]["objective"] for r in baselines if r["kind"] == "checkpoint"):
-            axes.axhline(row["search"]["objective"], linestyle=":", linewidth=1,
-                         color={"checkpoint": "grey", "uniform": "tab:green", "greedy": "tab:red"}[row["kind"]],
+        if row["kind"] != "checkpoint" or row["search"]["objective"] == max(singles):
+            axes.axhline(row["search"]["objective"], linestyle=":", linewidth=1, color=kind_colors[row["kind"]],
                          label=f"{row['name'] if row['kind'] != 'checkpoint' else 'best single: ' + row['name']}")
     axes.set(xlabel="evaluation", ylabel="search objective", title="Search progress")
     axes.legend(fontsize=7)
     paths.append(_save(figure, run_dir / "progress.png"))
 
-    tasks = report["tasks"]
-    pairs = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1:]][:6] or [(tasks[0], tasks[0])]
+    winner = next((row for row in report["rows"] if row["kind"] == "optimized" and row["search"]), None)
+    points = ([{**r["scores"], "objective": r["objective"]} for r in proposals] + [row["search"] for row in baselines]
+              + ([winner["search"]] if winner else []))
+    pairs, flat = task_panels(report["tasks"], points)
+    shared = [point[axis] for point in points for pair in pairs for axis in pair if axis in point]
+    pad = max((max(shared) - min(shared)) * 0.05, 0.005) if shared else 0.05
+    limits = (min(shared) - pad, max(shared) + pad) if shared else (0.0, 1.0)
     front = {p["name"] for p in report["pareto"]}
-    figure, grid = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 4), squeeze=False)
+    markers = {"checkpoint": "s", "uniform": "^", "greedy": "v"}
+    colors = plt.get_cmap("tab10")
+    figure, grid = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs) + 2.5, 4.2), squeeze=False)
     for axes, (a, b) in zip(grid[0], pairs):
-        axes.scatter([r["scores"][a] for r in proposals], [r["scores"][b] for r in proposals], s=10, alpha=0.4, label="proposal")
-        on_front = [r for r in proposals if r["name"] in front]
-        axes.scatter([r["scores"][a] for r in on_front], [r["scores"][b] for r in on_front], s=30, facecolors="none",
-                     edgecolors="black", label="Pareto front")
-        for row in baselines:
-            marker = {"checkpoint": "s", "uniform": "^", "greedy": "v"}[row["kind"]]
-            axes.scatter([row["search"][a]], [row["search"][b]], marker=marker, s=40)
-            axes.annotate(row["name"], (row["search"][a], row["search"][b]), fontsize=6)
-        axes.set(xlabel=f"{a} (search)", ylabel=f"{b} (search)")
-    grid[0][0].legend(fontsize=7)
-    figure.suptitle("Proposals per task: Pareto front and baselines")
+        def at(scores: Dict[str, float]) -> Tuple[float, float]:
+            return scores[a], scores[b]
+
+        proposal_points = [at({**r["scores"], "objective": r["objective"]}) for r in proposals]
+        axes.scatter(*zip(*proposal_points) if proposal_points else ([], []), s=10, alpha=0.4, color="tab:blue",
+                     label="proposal")
+        on_front = [at({**r["scores"], "objective": r["objective"]}) for r in proposals if r["name"] in front]
+        axes.scatter(*zip(*on_front) if on_front else ([], []), s=30, facecolors="none", edgecolors="black",
+                     label="proposal on the Pareto front")
+        # Named in the legend, not beside the points: labels of near-equal baselines overlapped.
+        for index, row in enumerate(baselines):
+            axes.scatter(*at(row["search"]), marker=markers[row["kind"]], s=45, color=colors(index % 10),
+                         edgecolors="black", linewidths=0.5, label=f"{row['kind']}: {row['name']}")
+        if winner:
+            axes.scatter(*at(winner["search"]), marker="*", s=220, color="gold", edgecolors="black", zorder=5,
+                         label=f"winner: {report.get('winner', {}).get('from', 'optimized')}")
+        axes.set(xlabel=f"{a} (search)", ylabel=f"{b} (search)", xlim=limits, ylim=limits)
+        axes.grid(alpha=0.3)
+    grid[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    title = "Search scores per task: proposals, Pareto front, baselines and the winner (one scale for all panels)"
+    if flat:
+        title += f"\nleft out, every merge within {FLAT_SPREAD:g} of the others: {', '.join(flat)}"
+    figure.suptitle(title, fontsize=9)
     paths.append(_save(figure, run_dir / "tasks.png"))
 
     if "winner" in report:
@@ -373,7 +435,8 @@ def _save(figure, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with writing(path, path.parent):
+        figure.savefig(path, dpi=100, bbox_inches="tight")  # "tight": a legend beside the panels is kept
     plt.close(figure)
     return path
 
@@ -381,7 +444,8 @@ def _save(figure, path: Path) -> Path:
 def write_report(run_dir: Path, report: Dict[str, Any], records: List[Record]) -> None:
     """report.json, report.md and the plots, each replaced atomically."""
     for name, text in (("report.json", json.dumps(report, indent=2)), ("report.md", markdown(report))):
-        write_atomically(run_dir / name, text + "\n")
+        with writing(run_dir / name, run_dir):
+            write_atomically(run_dir / name, text + "\n")
     plot(run_dir, report, records)
 
 

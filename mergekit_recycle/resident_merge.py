@@ -11,6 +11,10 @@ Where the tensors come from:
   - streamed, otherwise: the loader reads each chunk from each checkpoint with a non-zero
     weight for every candidate, from disk (or the page cache). This needs about
     (checkpoints + 2) × CHUNK_BYTES of host memory plus the resident model.
+Either way each checkpoint tensor is checked for NaN and inf once, when it is first read (at the start
+in memory, at the first candidate that reads it when streamed): one such tensor would make every merge
+that reads its checkpoint non-finite. Each merged candidate is checked too (one reduction per tensor):
+a merge that overflows its dtype fails as a candidate instead of being scored.
 Either way mergekit merges one chunk of tensors (about CHUNK_BYTES of one checkpoint) at a
 time on the model's device and the result is copied into the model, so the device holds the
 model plus about (checkpoints + 2) × CHUNK_BYTES, whatever the size of the pool.
@@ -18,7 +22,7 @@ The pool fits when its bytes are at most MERGEKIT_RECYCLE_POOL_MEMORY, by defaul
 the memory available when the run starts.
 """
 
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import psutil
 import torch
@@ -28,7 +32,7 @@ from mergekit.merge_methods.api import merge_state_dicts
 from mergekit_recycle import constants
 from mergekit_recycle.architecture import tensor_map
 from mergekit_recycle.constants import RECYCLE_LINEAR
-from mergekit_recycle.errors import PoolError, SettingError
+from mergekit_recycle.errors import NonFiniteMergeError, NonFiniteTensorError, PoolError, SettingError, one_line
 from mergekit_recycle.pool import Pool, check_written
 from mergekit_recycle.proposal import Merge
 
@@ -56,8 +60,8 @@ def resolve_device(device: str) -> str:
 
 
 def load_resident_model(pool: Pool, dtype: str, device: str, trust_remote_code: bool = False):
-    """The model every candidate is merged into (built from the first checkpoint) and the tokenizer
-    (the first checkpoint's, else the first other checkpoint that has one)."""
+    """The model every candidate is merged into (built from the first checkpoint) and the tokenizer:
+    the first of the pool's checkpoints, then the anchor, whose folder has tokenizer files."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
@@ -66,16 +70,23 @@ def load_resident_model(pool: Pool, dtype: str, device: str, trust_remote_code: 
     try:
         model = AutoModelForCausalLM.from_pretrained(first.path, dtype=TORCH_DTYPES[dtype],
                                                      trust_remote_code=trust_remote_code).to(device).eval()
-    except (OSError, ValueError) as exc:
-        raise PoolError(pool.source, first.location, str(first.path), f"transformers cannot load it ({exc})") from None
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise PoolError(pool.source, first.location, str(first.path),
+                        f"transformers cannot load it ({one_line(exc, 200)})") from None
     model.requires_grad_(False)
-    for checkpoint in pool.inputs:
-        try:
-            return model, AutoTokenizer.from_pretrained(checkpoint.path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError):
-            continue
-    raise PoolError(pool.source, first.location, str(first.path),
-                    "no checkpoint of the pool has a tokenizer that transformers can load; add the tokenizer files")
+    # The rule of the final merge (merge.has_tokenizer, whatever the weights), so that the merged
+    # model gets the tokenizer that was scored.
+    from mergekit_recycle.merge import TOKENIZER_FILES, has_tokenizer
+
+    donor = next((checkpoint for checkpoint in pool.inputs if has_tokenizer(checkpoint.path)), None)
+    if donor is None:
+        raise PoolError(pool.source, first.location, str(first.path), "no checkpoint of the pool has a tokenizer "
+                        f"({', '.join(TOKENIZER_FILES)}); add the tokenizer files to one")
+    try:
+        return model, AutoTokenizer.from_pretrained(donor.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise PoolError(pool.source, donor.location, str(donor.path), "transformers cannot load its tokenizer "
+                        f"({one_line(exc, 200)}); fix its tokenizer files") from None
 
 
 class ResidentMerger:
@@ -103,10 +114,22 @@ class ResidentMerger:
         self.device = next(model.parameters()).device
         self.loaders = {c.name: LazyTensorLoader(ShardedTensorIndex.from_disk(str(c.path))) for c in pool.inputs}
         self.stored: Dict[str, Dict[str, torch.Tensor]] = {}
+        self.finite: Set[Tuple[str, str]] = set()  # (checkpoint, tensor) read and found finite
         if self.in_memory:
             for checkpoint in pool.inputs:
-                self.stored[checkpoint.name] = {name: self.loaders[checkpoint.name].get_tensor(name) for name in self.names}
+                self.stored[checkpoint.name] = {name: self._read(checkpoint.name, name, "cpu") for name in self.names}
                 self.loaders[checkpoint.name].flush()
+
+    def _read(self, checkpoint: str, name: str, device: str) -> torch.Tensor:
+        """A checkpoint tensor from disk, checked for NaN and inf the first time it is read."""
+        tensor = self.loaders[checkpoint].get_tensor(name, device=device)
+        if (checkpoint, name) not in self.finite:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                where = self.pool.by_name(checkpoint)
+                raise NonFiniteTensorError(self.pool.source, where.location, str(where.path), name,
+                                           nan=int(torch.isnan(tensor).sum()), inf=int(torch.isinf(tensor).sum()))
+            self.finite.add((checkpoint, name))
+        return tensor
 
     def _chunks(self) -> Iterator[List[str]]:
         """Tensor names in groups of about CHUNK_BYTES (of one checkpoint, in float32): what is merged at once,
@@ -128,16 +151,18 @@ class ResidentMerger:
         if self.in_memory:
             tensors = self.stored[checkpoint]
             return {name: tensors[name].to(self.device, non_blocking=True) for name in names}
-        return {name: self.loaders[checkpoint].get_tensor(name, device=str(self.device)) for name in names}
+        return {name: self._read(checkpoint, name, str(self.device)) for name in names}
 
     @torch.no_grad()
     def merge(self, merge: Merge) -> None:
-        """Merge the proposal and copy it into the model. Checkpoints with weight 0 are not read."""
+        """Merge the proposal and copy it into the model. Checkpoints with weight 0 are not read.
+        NonFiniteMergeError when a merged parameter holds NaN or inf (the model is then left half written)."""
         inputs = merge.nonzero()
         base = self.pool.base.name if self.pool.base is not None and merge.scale != 1.0 else None
         if base is not None and base not in inputs:
             inputs.append(base)
         parameters = {"weight": {name: merge.weights.get(name, 0.0) for name in inputs}}
+        sums: List[Tuple[str, torch.Tensor]] = []
         if base is not None:
             parameters["scale"] = merge.scale
         for names in self._chunks():
@@ -150,3 +175,15 @@ class ResidentMerger:
             )
             for name, tensor in merged.items():
                 self.targets[self.destination[name]].copy_(tensor)
+                sums.append((name, tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)))
+        self._check_finite(sums, merge)
+
+    def _check_finite(self, sums: List[Tuple[str, torch.Tensor]], merge: Merge) -> None:
+        """NonFiniteMergeError naming the first merged tensor that holds NaN or inf. A tensor's sum is
+        non-finite when any of its values is, so one fused reduction per tensor and one device sync per
+        candidate screen them; a sum that overflows with finite values is told apart by looking at them."""
+        if bool(torch.isfinite(torch.stack([total for _, total in sums])).all()):
+            return
+        for name, total in sums:
+            if not bool(torch.isfinite(total)) and not bool(torch.isfinite(self.targets[self.destination[name]]).all()):
+                raise NonFiniteMergeError(name, str(self.dtype).removeprefix("torch."), merge.scale)

@@ -71,6 +71,16 @@ def run_cli(*args: str, env: Dict[str, str] = None, cwd: Path = None) -> subproc
     )
 
 
+def invoke(*args: str, env: Dict[str, str] = None):
+    """Run the CLI in this process (click's runner): the same command, without a second of
+    interpreter start-up per call. The result has exit_code, stdout and stderr."""
+    from click.testing import CliRunner
+
+    from mergekit_recycle.cli import cli
+
+    return CliRunner().invoke(cli, list(args), env=env)
+
+
 def lines(text: str) -> List[str]:
     return [line for line in text.splitlines() if line.strip()]
 

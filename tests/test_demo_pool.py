@@ -3,8 +3,7 @@
 import json
 import os
 import random
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,11 +24,15 @@ from mergekit_recycle.demo_pool import (
     read_summary,
     write_tasks,
 )
-from mergekit_recycle.demo_pool.training import TrainingRun, training_batches
+from mergekit_recycle.demo_pool.build import content_fingerprint
+from mergekit_recycle.demo_pool.training import TrainingRun, UntilLearnt, training_batches
 from mergekit_recycle.recipe import load_recipe
 
 SMALL = PLANS["small"]
 POST = [run.name for run in SMALL.post_training]
+# The content fingerprint of `demo-pool --size small --seed 0`: the same on every x86-64 CPU
+# (checked on AMD EPYC under varied ATen, MKL and libm instruction sets; see README, The demo pool).
+SMALL_SEED_0 = "79d9747f41783de4"
 
 
 def tree(root: Path) -> dict:
@@ -54,6 +57,15 @@ def test_cli_builds_a_pool_with_a_summary(small_pool):
         assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= files
     summary = read_summary(directory)
     assert summary.size == "small" and summary.seed == 0 and list(summary.checkpoints) == ["base"] + POST
+    assert f"content fingerprint: {summary.content_fingerprint} " in table
+
+
+def test_the_small_pool_is_the_recorded_bytes(small_pool):
+    """The cross-machine check: this machine built the pool that every other x86-64 machine builds."""
+    directory, _ = small_pool
+    summary = read_summary(directory)
+    assert summary.content_fingerprint == SMALL_SEED_0
+    assert content_fingerprint(directory, list(summary.checkpoints), summary.tasks) == SMALL_SEED_0  # what is on disk
 
 
 def test_recipe_validates_and_checkpoints_load_unchanged(small_pool):
@@ -135,26 +147,6 @@ def test_same_seed_is_a_no_op(small_pool):
     assert tree(directory) == before
 
 
-def test_same_seed_same_bytes_other_seed_other_pool(small_pool, tmp_path):
-    """Two more builds, run side by side (each trains on one thread)."""
-    directory, _ = small_pool
-    script = Path(sys.executable).parent / "mergekit-recycle"
-    builds = {
-        seed: subprocess.Popen([str(script), "demo-pool", str(tmp_path / f"seed-{seed}"), "--size", "small",
-                                "--seed", str(seed), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for seed in (0, 1)
-    }
-    for build in builds.values():
-        _, stderr = build.communicate(timeout=300)
-        assert build.returncode == 0, stderr.decode()
-    for name in ["base"] + POST:
-        ours = (directory / name / "model.safetensors").read_bytes()
-        assert (tmp_path / "seed-0" / name / "model.safetensors").read_bytes() == ours
-        assert (tmp_path / "seed-1" / name / "model.safetensors").read_bytes() != ours
-    assert (tmp_path / "seed-0" / "tasks" / "toy_add_test.jsonl").read_bytes() == (directory / "tasks" / "toy_add_test.jsonl").read_bytes()
-    assert (tmp_path / "seed-1" / "tasks" / "toy_add_test.jsonl").read_bytes() != (directory / "tasks" / "toy_add_test.jsonl").read_bytes()
-
-
 def test_a_folder_holding_another_pool_is_refused_untouched(small_pool):
     directory, _ = small_pool
     before = tree(directory)
@@ -194,17 +186,46 @@ def test_unusable_folders_give_one_line(tmp_path):
 
 # --- the build itself, through the API with a plan of a few steps ---------------------------
 
+# A few steps of each run; the pretraining without its until-learnt rule, which would train on.
 TINY = SMALL.model_copy(update={
     "size": "tiny",
-    "pretraining": SMALL.pretraining.model_copy(update={"steps": 4}),
+    "pretraining": SMALL.pretraining.model_copy(update={"steps": 4, "until_learnt": None}),
     "post_training": tuple(run.model_copy(update={"steps": 2}) for run in SMALL.post_training[:2]),
     "dev_size": 8,
     "test_size": 8,
 })
 
 
-def test_training_never_sees_a_question_the_tasks_ask(tmp_path, monkeypatch):
-    from mergekit_recycle.demo_pool import build, build_pool
+@pytest.fixture(scope="module")
+def tiny_pools(tmp_path_factory) -> dict:
+    """TINY pools, by name: seed 0, seed 0 built by a caller with other CPU settings, and seed 1."""
+    from mergekit_recycle.demo_pool import build_pool
+
+    root = tmp_path_factory.mktemp("tiny")
+    build_pool(root / "seed-0", seed=0, size=TINY)
+    with pytest.MonkeyPatch.context() as patch:
+        # What another CPU, or a caller's own settings, would give the training if it inherited them.
+        for name, value in {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AUTO", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}.items():
+            patch.setenv(name, value)
+        build_pool(root / "seed-0-other-cpu", seed=0, size=TINY)
+    build_pool(root / "seed-1", seed=1, size=TINY)
+    return {path.name: path for path in root.iterdir()}
+
+
+def test_same_seed_same_bytes_whatever_the_callers_cpu_settings_other_seed_other_pool(tiny_pools):
+    summaries = {name: read_summary(path) for name, path in tiny_pools.items()}
+    for name in summaries["seed-0"].checkpoints:
+        ours = (tiny_pools["seed-0"] / name / "model.safetensors").read_bytes()
+        assert (tiny_pools["seed-0-other-cpu"] / name / "model.safetensors").read_bytes() == ours, name
+        assert (tiny_pools["seed-1"] / name / "model.safetensors").read_bytes() != ours, name
+    data = [(tiny_pools[pool] / "tasks" / "toy_add_test.jsonl").read_bytes() for pool in ("seed-0", "seed-0-other-cpu", "seed-1")]
+    assert data[0] == data[1] != data[2]
+    prints = [summaries[pool].content_fingerprint for pool in ("seed-0", "seed-0-other-cpu", "seed-1")]
+    assert prints[0] == prints[1] != prints[2] and len(prints[0]) == 16
+
+
+def test_training_never_sees_a_question_the_tasks_ask(tiny_pools, tmp_path, monkeypatch):
+    from mergekit_recycle.demo_pool import build
 
     excluded = []
     real_train = build.train
@@ -214,31 +235,67 @@ def test_training_never_sees_a_question_the_tasks_ask(tmp_path, monkeypatch):
         return real_train(*args, exclude=exclude, **kwargs)
 
     monkeypatch.setattr(build, "train", recording_train)
-    build_pool(tmp_path / "pool", seed=3, size=TINY)
-    asked = {json.loads(line)["question"] for path in (tmp_path / "pool" / "tasks").glob("*.jsonl")
+    build.train_pool(tmp_path, seed=0, plan=TINY)  # what the build's training process runs
+    asked = {json.loads(line)["question"] for path in (tiny_pools["seed-0"] / "tasks").glob("*.jsonl")
              for line in path.read_text().splitlines()}
     assert len(excluded) == 3 and all(exclude == asked for exclude in excluded)
     assert len(asked) == 3 * (TINY.dev_size + TINY.test_size)
 
 
-def test_an_interrupted_build_leaves_nothing_behind(tmp_path, monkeypatch):
-    from mergekit_recycle.demo_pool import build, build_pool
+def _with_rule(threshold: float) -> PoolPlan:
+    """TINY with an until-learnt rule on its pretraining: probes at steps 4 and 6, then 2 steps of anneal."""
+    rule = UntilLearnt(threshold=threshold, every=2, max_steps=6, anneal=2)
+    return TINY.model_copy(update={"pretraining": TINY.pretraining.model_copy(update={"schedule": "constant", "until_learnt": rule})})
 
-    calls = []
-    real_train = build.train
 
-    def interrupted_train(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # Ctrl-C during the first post-training run
+def test_the_base_trains_until_a_probe_finds_every_skill_learnt(tmp_path):
+    """The rule: a run that passes its probe anneals and stops; one that never does fails the build in one line."""
+    from mergekit_recycle.demo_pool import build_pool
+    from mergekit_recycle.errors import DemoPoolError
+
+    lines_seen = []
+    build_pool(tmp_path / "learnt", seed=0, size=_with_rule(0.0), report=lines_seen.append)
+    assert any(line.startswith("[1/3] base") and "step 4: probe add" in line and "every skill learnt; annealing for 2 steps" in line
+               for line in lines_seen), lines_seen
+    assert any(line.startswith("[1/3] base") and "step 6/6" in line for line in lines_seen), lines_seen
+    with pytest.raises(DemoPoolError, match=r"run base did not learn add, .* in 6 steps \(probe add"):
+        build_pool(tmp_path / "never", seed=0, size=_with_rule(1.0))
+    assert sorted(os.listdir(tmp_path)) == ["learnt"]
+    assert SMALL.pretraining.until_learnt is not None and plan_for("forgetting", "default").pretraining == SMALL.pretraining
+
+
+def test_the_probe_is_lm_evals_multiple_choice_accuracy_on_training_questions(small_pool):
+    """The rule's probe scores as lm-eval does (on the pool's own test questions it gives the
+    summary's test accuracy), and draws its own questions from the training distribution, none a task's."""
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_recycle.demo_pool.training import probe_accuracy, probe_examples
+
+    directory, _ = small_pool
+    summary = read_summary(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory / "base").eval()
+    tests = {task.skill: [json.loads(line) for line in (directory / "tasks" / f"{task.holdout}.jsonl").read_text().splitlines()]
+             for task in summary.tasks}
+    accuracy = probe_accuracy(model, char_tokenizer(), tests)
+    for task in summary.tasks:
+        assert abs(accuracy[task.skill] - summary.scores["base"][task.holdout]) <= 1 / 300, task.skill
+    asked = {row["question"] for path in (directory / "tasks").glob("*.jsonl") for row in map(json.loads, path.read_text().splitlines())}
+    probe = probe_examples(SMALL.pretraining, seed=0, exclude=frozenset(asked))
+    assert set(probe) == set(SKILLS) and all(len(rows) == 200 for rows in probe.values())
+    assert not {row["question"] for rows in probe.values() for row in rows} & asked
+
+
+def test_an_interrupted_build_leaves_nothing_behind(tmp_path):
+    from mergekit_recycle.demo_pool import build_pool
+
+    def report(line: str) -> None:
+        if line.startswith("[2/3]"):  # Ctrl-C during the first post-training run
             raise KeyboardInterrupt
-        return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(build, "train", interrupted_train)
     (tmp_path / "empty").mkdir()
     for target in (tmp_path / "new", tmp_path / "empty"):
-        calls.clear()
         with pytest.raises(KeyboardInterrupt):
-            build_pool(target, seed=0, size=TINY)
+            build_pool(target, seed=0, size=TINY, report=report)
     assert sorted(os.listdir(tmp_path)) == ["empty"] and os.listdir(tmp_path / "empty") == []
 
 
@@ -258,10 +315,10 @@ def test_read_only_folders_give_one_line(tmp_path, target):
     assert os.listdir(read_only) == []
 
 
-def test_an_incomplete_pool_is_not_taken_for_a_built_one(tmp_path):
+def test_an_incomplete_pool_is_not_taken_for_a_built_one(tiny_pools, tmp_path):
     from mergekit_recycle.demo_pool import build_pool
 
-    build_pool(tmp_path / "pool", seed=0, size=TINY)
+    shutil.copytree(tiny_pools["seed-0"], tmp_path / "pool")
     (tmp_path / "pool" / "post-2" / "model.safetensors").unlink()
     with pytest.raises(FileExistsError, match="incomplete demo pool .post-2/model.safetensors is missing"):
         build_pool(tmp_path / "pool", seed=0, size=TINY)
@@ -270,9 +327,10 @@ def test_an_incomplete_pool_is_not_taken_for_a_built_one(tmp_path):
 # --- the designs ------------------------------------------------------------------------------
 
 def test_the_forgetting_plans_keep_their_fingerprints():
-    """Pools built before designs existed are still recognised (their fingerprint is in demo-pool.json)."""
+    """A plan's fingerprint (in demo-pool.json) changes only with the plan or FORMAT: designs and
+    architectures added at their defaults left the forgetting plans' unchanged."""
     assert PLANS == DESIGN_PLAN["forgetting"]
-    assert {size: plan.fingerprint() for size, plan in PLANS.items()} == {"default": "5c6c841407635cc6", "small": "7a4de3d401c33c7c"}
+    assert {size: plan.fingerprint() for size, plan in PLANS.items()} == {"default": "6a69c31535bedfd7", "small": "ac354f2d523b47fa"}
     prints = [plan_for(design, size).fingerprint() for design in DESIGNS for size in SIZES]
     assert len(set(prints)) == len(prints)
 
@@ -315,7 +373,7 @@ def _tiny(design: str, **runs) -> PoolPlan:
     """`design`'s small plan with runs of a few steps and a handful of questions."""
     plan = plan_for(design, "small").model_dump()
     plan.update(size="tiny", dev_size=8, test_size=8)
-    plan["pretraining"]["steps"] = 4
+    plan["pretraining"].update(steps=4, until_learnt=None)
     for run in plan["post_training"]:
         run.update(runs.get(run["name"], {"steps": 2}))
     return PoolPlan.model_validate(plan)

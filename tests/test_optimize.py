@@ -267,7 +267,8 @@ def test_a_changed_recipe_is_refused_unless_restarted(reference, recipe_file, tm
     run_dir = copy_run(reference[0], tmp_path)
     refused = optimize_cli(recipe_file, run_dir, "--seed", "7")
     assert refused.returncode == 2 and len(lines(refused.stderr)) == 1
-    assert "search changed" in refused.stderr and "--restart" in refused.stderr
+    assert "holds a run searched with seed 0, and this command asks for seed 7" in refused.stderr
+    assert "drop --seed" in refused.stderr and "--restart" in refused.stderr
 
     data = yaml.safe_load(recipe_file.read_text())
     data["tasks"][0]["weight"] = 2.0

@@ -1,18 +1,22 @@
 """The recipe format and `mergekit-recycle validate`: resolved plans and one-line errors."""
 
 import copy
+import re
+import shutil
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import lines, run_cli
+from conftest import invoke, lines, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mergekit_recycle import demo_pool
 from mergekit_recycle.cli import cli
-from mergekit_recycle.errors import RecipeError
+from mergekit_recycle.constants import POOL_MEMORY_VARIABLE, env_bytes
+from mergekit_recycle.errors import RecipeError, SettingError
 from mergekit_recycle.recipe import HubCheckpoints, LocalCheckpoint, Recipe, load_recipe, parse_recipe
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -111,10 +115,10 @@ BAD_RECIPES = {
     "string as number": (lambda r: r["search"].update(sigma0="0.3"), "search.sigma0: input should be a valid number"),
     "string as boolean": (lambda r: r["output"].update(private="no"), "output.private: input should be a valid boolean"),
     "scale of the wrong shape": (lambda r: r["search"].update(scale=[1.0]), "search.scale: scale is a number or a [lo, hi] pair"),
-    "scale not positive": (lambda r: r["search"].update(scale=0), "search.scale: input should be greater than 0"),
+    "scale not positive": (lambda r: r["search"].update(scale=0), "search.scale: input should be greater than or equal to 0.001"),
     "hub repo twice, other case": (lambda r: r["pool"].append({"repo": "Org/Model", "revisions": ["stage2-*", "main"], "subfolders": ["checkpoint-*"]}), "pool[3] duplicates pool[2]"),
     "revision listed twice": (lambda r: r["pool"][2].update(revisions=["main", "main"]), "pool[2].revisions: 'main' is listed twice"),
-    "seed too large": (lambda r: r["search"].update(seed=2**40), "search.seed: input should be less than 4294967296"),
+    "seed too large": (lambda r: r["search"].update(seed=2**40), "search.seed: input should be less than or equal to 2147483647"),
     "metric that is only a comma": (lambda r: r["tasks"][0].update(metric=" , "), "tasks[0].metric: string should match pattern"),
     "search equals holdout": (
         lambda r: r["tasks"][0].update(holdout="toy_add_dev"),
@@ -137,6 +141,19 @@ BAD_RECIPES = {
     "duplicate task names": (lambda r: r["tasks"][1].update(name="add"), "tasks[1].name: 'add' is used by tasks[0] too"),
     "bad dtype": (lambda r: r["merge"].update(dtype="int4"), "merge.dtype: input should be"),
     "infinite sigma0": (lambda r: r["search"].update(sigma0=float("inf")), "search.sigma0: input should be a finite number"),
+    # Out-of-range numbers fail when the recipe is read, not after evaluations (issue 15).
+    "task name with a trailing space": (lambda r: r["tasks"][0].update(search="toy_add_dev "),
+                                        "tasks[0].search: 'toy_add_dev ' has spaces in it"),
+    "limit of 10**30": (lambda r: r["tasks"][1].update(limit=10**30), "tasks[1].limit: input should be less than or equal to 1000000000"),
+    "subnormal task weight": (lambda r: r["tasks"][0].update(weight=5e-324), "tasks[0].weight: 5e-324 is out of range"),
+    "seed cma refuses": (lambda r: r["search"].update(seed=4294967295), "search.seed: input should be less than or equal to 2147483647"),
+    "huge sigma0": (lambda r: r["search"].update(sigma0=1e308), "search.sigma0: input should be less than or equal to 10"),
+    "subnormal sigma0": (lambda r: r["search"].update(sigma0=5e-324), "search.sigma0: input should be greater than or equal to 0.000001"),
+    "scale range beyond floats": (lambda r: r.update(base={"path": "anchor"}, search={"scale": [1e-300, 1e300]}),
+                                  "search.scale: a scale range must lie within [0.001, 1000], got [1e-300, 1e+300]"),
+    "long name": (lambda r: r.update(name="x" * 20_000), "name: 'xxxxxxxxxx"),
+    "long unknown key": (lambda r: r.update({"k" * 20_000: 1}), "kkkkkkkkkk"),
+    "long repo id": (lambda r: r["pool"][2].update(repo="org/" + "m" * 20_000), "pool[2].repo: 'org/mmmmmm"),
 }
 
 
@@ -150,7 +167,8 @@ def test_bad_recipe_exits_2_with_one_line_naming_the_field(pool, case):
     assert result.exit_code == 2
     assert result.stdout == ""
     assert lines(result.stderr) == [lines(result.stderr)[0]], result.stderr
-    assert lines(result.stderr)[0].startswith(f"{path}: {expected}"), result.stderr
+    assert lines(result.stderr)[0].startswith(f"{path}: {expected}"), result.stderr[:1000]
+    assert len(result.stderr) < 600, "an echoed value must be cut short"
 
 
 @pytest.mark.parametrize(
@@ -200,12 +218,11 @@ def test_missing_recipe_file(tmp_path):
     assert lines(result.stderr) == [f"{tmp_path / 'nope.yaml'}: recipe file not found"]
 
 
-def test_demo_pool_recipe_and_repo_recipe_agree(tmp_path):
+def test_demo_pool_recipe_and_repo_recipe_agree(pool_dir, tmp_path):
     """recipes/pool.yaml describes the same job as the recipe the demo pool writes."""
     toy_pool = tmp_path / ".toy-pool"
-    for run in demo_pool.PLANS["default"].post_training:
-        (toy_pool / run.name).mkdir(parents=True)
-        (toy_pool / run.name / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    for run in demo_pool.PLANS["default"].post_training:  # validate reads the weights' headers: real ones
+        shutil.copytree(pool_dir / "ckpt-a", toy_pool / run.name)
     (toy_pool / "tasks").mkdir()
     (toy_pool / "recipe.yaml").write_text(demo_pool.plan_recipe(demo_pool.PLANS["default"]))
     demo_pool.write_tasks(toy_pool / "tasks", demo_pool.evaluation_examples(seed=0, dev_size=5, test_size=5))
@@ -322,3 +339,137 @@ def test_random_recipe_files_through_the_cli(pool_dir, data):
     if result.exit_code == 2:
         assert len(lines(result.stderr)) == 1 and lines(result.stderr)[0].startswith(f"{path}: ")
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+# --- issue 15: paths, task definitions, metrics and settings, each refused with a named line ------
+
+BAD_PATHS = {
+    "pool entry is a symlink loop": (lambda r: r["pool"].append({"path": "loop"}), "pool[3].path: loop is a symlink loop"),
+    "task path is a symlink loop": (lambda r: r["task_paths"].append("loop"), "task_paths: loop is a symlink loop"),
+    "base is a symlink loop": (lambda r: r.update(base={"path": "loop"}), "base.path: loop is a symlink loop"),
+    "run folder is a symlink loop": (lambda r: r["output"].update(run_dir="loop/run"), "output.run_dir: loop/run is a symlink loop"),
+    "pool entry is an empty folder": (lambda r: r["pool"].append({"path": "empty"}), "pool[3].path: an empty folder (no config.json)"),
+    "path component too long": (lambda r: r["pool"].append({"path": "p" * 300}), "pool[3].path: ppppp"),
+}
+
+
+def test_bad_paths_name_the_recipe_field(pool):
+    root = pool["root"]
+    (root / "loop").symlink_to(root / "loop-back")
+    (root / "loop-back").symlink_to(root / "loop")
+    (root / "empty").mkdir()
+    for case, (mutate, expected) in BAD_PATHS.items():
+        data = good_recipe()
+        mutate(data)
+        path = write(root, data)
+        result = validate(path, "--no-check-tasks")
+        assert result.exit_code == 2, (case, result.stderr)
+        assert len(lines(result.stderr)) == 1 and lines(result.stderr)[0].startswith(f"{path}: {expected}"), (case, result.stderr)
+        assert len(result.stderr) < 600, case
+
+
+def _damage(tasks: Path, case: str) -> None:
+    """Break toy_add_dev's definition or data in one of the ways a user does."""
+    task_file = tasks / "toy_add_dev.yaml"
+    text = task_file.read_text()
+    if case == "missing data file":
+        (tasks / "toy_add_dev.jsonl").unlink()
+    elif case == "bad Jinja filter":
+        task_file.write_text(text.replace("doc_to_text: question", 'doc_to_text: "{{question|no_such_filter}}"'))
+    elif case == "empty data file":
+        (tasks / "toy_add_dev.jsonl").write_text("")
+    elif case == "custom loader that raises":
+        with open(tasks / "toy_data.py", "a") as loader:
+            loader.write("\n\ndef broken(**_):\n    raise ValueError('the loader broke')\n")
+        task_file.write_text(text.replace("toy_data.load_jsonl", "toy_data.broken"))
+    elif case == "download while offline":  # conftest sets HF_DATASETS_OFFLINE=1
+        task_file.write_text(text.replace("custom_dataset: !function toy_data.load_jsonl", "dataset_path: some/dataset"))
+
+
+TASK_DAMAGES = {
+    "missing data file": "its data file is missing",
+    "bad Jinja filter": "a template does not work (TemplateAssertionError: No filter named 'no_such_filter'",
+    "empty data file": "its data has no documents",
+    "custom loader that raises": "lm-eval cannot build it: ValueError: the loader broke",
+    "download while offline": "its dataset 'some/dataset' is not in the local cache",
+}
+
+
+def test_broken_task_definitions_name_the_task_and_the_field(pool, tmp_path):
+    """Each is found by validate (and so before optimize evaluates anything), with no model run. Data
+    that is not in the local cache while offline is no fault of the recipe: validate notes it (exit 0),
+    optimize stops on it in one line before anything is evaluated."""
+    for case, expected in TASK_DAMAGES.items():
+        tasks = tmp_path / case.replace(" ", "-")
+        shutil.copytree(pool["tasks"], tasks)
+        _damage(tasks, case)
+        path = _local_recipe(pool, tmp_path / case.replace(" ", "-"), tasks)
+        started = time.monotonic()
+        result = validate(path)
+        line = f"tasks[0].search: lm-eval task 'toy_add_dev' ({tasks / 'toy_add_dev.yaml'}): {expected}"
+        if case == "download while offline":
+            assert result.exit_code == 0 and lines(result.stderr)[0].startswith(f"note: {line}"), result.stderr
+            result = invoke("optimize", str(path), "--quiet")
+            assert not (tmp_path / case.replace(" ", "-") / "run").exists()  # a failed start leaves nothing
+        assert result.exit_code == 2, (case, result.stderr)
+        assert time.monotonic() - started < 20, case
+        assert lines(result.stderr) == [lines(result.stderr)[0]] and lines(result.stderr)[0].startswith(
+            f"{path}: {line}"), (case, result.stderr)
+
+
+def _local_recipe(pool, tmp_path, tasks: Path) -> Path:
+    """A small recipe over the local checkpoints only (good_recipe's Hub entry cannot be reached)."""
+    data = good_recipe()
+    data["pool"] = [{"path": "ckpt-a"}, {"path": "ckpt-b"}]
+    data["task_paths"] = [str(tasks)]
+    data["output"]["run_dir"] = str(tmp_path / "run")
+    data["search"]["budget"] = 2
+    return write(pool["root"], data)
+
+
+def test_a_holdout_metric_the_task_does_not_report_is_refused_before_any_evaluation(pool, tmp_path):
+    tasks = tmp_path / "tasks"
+    shutil.copytree(pool["tasks"], tasks)
+    holdout = tasks / "toy_sort_test.yaml"
+    holdout.write_text(holdout.read_text().replace("metric: acc\n", "metric: acc_norm\n"))
+    path = _local_recipe(pool, tmp_path, tasks)
+    expected = (f"{path}: tasks[1].metric: lm-eval task 'toy_sort_test' (tasks[1].holdout) reports no metric "
+                "'acc,none' (it reports: acc_norm)")
+    assert lines(validate(path).stderr) == [expected]
+    result = invoke("optimize", str(path), "--quiet")
+    assert result.exit_code == 2 and lines(result.stderr) == [expected], result.stderr
+    journal = tmp_path / "run" / "journal.jsonl"
+    assert not journal.exists() or '"evaluation"' not in journal.read_text()
+    # The Python API checks it too, once the scorers are built and before anything is scored.
+    from mergekit_recycle.candidate import ResidentEvaluator
+    from mergekit_recycle.pool import resolve_pool
+
+    recipe = load_recipe(path)
+    with pytest.raises(RecipeError, match="tasks\\[1\\].metric: .* reports no metric 'acc,none'"):
+        ResidentEvaluator(recipe, resolve_pool(recipe, path), "cpu", path)
+
+
+@pytest.mark.parametrize("value", ["inf", "1e400", "nan", "-1", "12Q"])
+def test_a_pool_memory_setting_that_is_no_size_is_one_line(monkeypatch, value):
+    monkeypatch.setenv(POOL_MEMORY_VARIABLE, value)
+    with pytest.raises(SettingError, match=f"^{POOL_MEMORY_VARIABLE}='{re.escape(value)}': expected a size in bytes"):
+        env_bytes(POOL_MEMORY_VARIABLE)
+
+
+def test_a_pool_memory_setting_that_is_no_size_stops_optimize_with_nothing_journaled(pool, tmp_path):
+    path = _local_recipe(pool, tmp_path, pool["tasks"])
+    result = invoke("optimize", str(path), "--quiet", env={POOL_MEMORY_VARIABLE: "inf"})
+    assert result.exit_code == 2, result.stderr
+    assert lines(result.stderr) == [f"{POOL_MEMORY_VARIABLE}='inf': expected a size in bytes, e.g. 8G, 512M or 1000000"]
+    journal = tmp_path / "run" / "journal.jsonl"
+    assert not journal.exists() or '"evaluation"' not in journal.read_text()
+
+
+def test_the_default_run_folder_is_in_the_recipe_folder_whatever_the_working_directory(pool, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = good_recipe()
+    del data["output"]["run_dir"]
+    result = validate(write(pool["root"], data), "--no-check-tasks")
+    assert result.exit_code == 0, result.stderr
+    assert f"run_dir={pool['root'] / 'runs' / 'toy-recycle'} (the default: runs/toy-recycle in the recipe's folder)" \
+        in result.stdout

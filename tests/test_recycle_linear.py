@@ -12,7 +12,7 @@ from mergekit.merge_methods.api import merge_state_dicts
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
-import mergekit_recycle  # noqa: F401 - registers recycle_linear
+import mergekit_recycle  # noqa: F401 - registers recycle_linear where the installed .pth does not
 from mergekit_recycle.errors import RecycleLinearError
 
 OPTIONS = MergeOptions(quiet=True, write_model_card=False)
@@ -115,7 +115,7 @@ def test_bfloat16_inputs_accumulate_in_float32():
 
 
 def test_zero_weight_model_is_never_read(pool, tmp_path):
-    from conftest import run_cli
+    from conftest import invoke
 
     (pool["ckpt-c"] / "model.safetensors").unlink()
     config = tmp_path / "merge.yml"
@@ -132,8 +132,8 @@ def test_zero_weight_model_is_never_read(pool, tmp_path):
             }
         )
     )
-    result = run_cli("merge", str(config), str(tmp_path / "out"), "--quiet")
-    assert result.returncode == 0, result.stderr
+    result = invoke("merge", str(config), str(tmp_path / "out"), "--quiet")
+    assert result.exit_code == 0, result.output
     expected = merge_state_dicts(
         {n: tensors(pool[n]) for n in ("ckpt-a", "ckpt-b")},
         "recycle_linear",

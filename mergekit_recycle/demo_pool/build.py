@@ -1,7 +1,7 @@
 """Building the demo pool: a plan (data) for each design and size, applied to a folder.
 
 The default design, `forgetting`, is built like Khalifa et al.'s pool: one "pretraining" run
-teaches all three skills, then several "post-training" runs start from it, each on a skewed
+teaches all three skills (it goes on until a probe finds every skill learnt: LEARNT_BASE), then several "post-training" runs start from it, each on a skewed
 mixture at a constant learning rate. A run keeps what it rehearses and forgets part of what it
 does not; no run rehearses both `add` and `shift`, so no checkpoint keeps every skill, and a
 merge can recover what each one lost. (`sort` is easy enough that little of it is ever forgotten.)
@@ -14,6 +14,9 @@ checkpoints that tie (little headroom), and the forgetting plan on a tied-embedd
 A build writes into a temporary sibling folder and renames it into place at the end,
 so an interrupted or failed build never leaves a half-built pool behind, and an
 existing folder is never modified.
+
+The training runs in a child process started with PINNED_ENVIRONMENT, which makes a seed give
+the same bytes on any x86-64 CPU (see there); `content_fingerprint` hashes what was built.
 """
 
 import copy
@@ -22,6 +25,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,13 +37,22 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from mergekit_recycle.demo_pool.model import ARCHITECTURES, char_tokenizer, save_checkpoint, tiny_model
 from mergekit_recycle.demo_pool.skills import SKILLS
 from mergekit_recycle.demo_pool.tasks import SkillTasks, evaluation_examples, skill_tasks, write_tasks
-from mergekit_recycle.demo_pool.training import TrainingRun, train
+from mergekit_recycle.demo_pool.training import SkillsNotLearnt, TrainingRun, UntilLearnt, train
 from mergekit_recycle.errors import DemoPoolError, DemoPoolExistsError
 
 MANIFEST = "demo-pool.json"
 BASE_NAME = "base"
 # Bumped whenever a change to the plan or the training code changes the bytes built.
-FORMAT = 3
+# 4: training pinned to PINNED_ENVIRONMENT. 5: the forgetting base trains until it has learnt every skill.
+FORMAT = 5
+# The environment the training process starts with: what makes a seed give the same bytes on
+# every x86-64 CPU, not only on the machine that built it. torch picks its vectorised kernels
+# (AVX512, AVX2, ...) by the CPU, and their sums and transcendental functions round
+# differently; `default` is the same scalar code everywhere. MKL picks its matrix-product
+# kernels by CPU model and vendor; COMPATIBLE is its conditional numerical reproducibility mode,
+# the same code path on every Intel or compatible CPU. One thread fixes the order of every
+# reduction. Both libraries read these once, at their first use: hence a fresh process.
+PINNED_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 Report = Callable[[str], None]
 
@@ -95,8 +109,9 @@ class PoolPlan(BaseModel):
 
     def fingerprint(self) -> str:
         data = _dump_without_defaults(self, ("design", "architecture"))
-        data["pretraining"] = _dump_without_defaults(self.pretraining, ("start", "saves"))
-        data["post_training"] = [_dump_without_defaults(run, ("start", "saves")) for run in self.post_training]
+        later = ("start", "saves", "until_learnt")
+        data["pretraining"] = _dump_without_defaults(self.pretraining, later)
+        data["post_training"] = [_dump_without_defaults(run, later) for run in self.post_training]
         text = json.dumps({"format": FORMAT, "plan": data}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -121,9 +136,26 @@ def _post(index: int, add: float, sort: float, shift: float, steps: int, learnin
     return _run(f"post-{index}", add, sort, shift, steps, learning_rate)
 
 
-def _pretraining(steps: int = 1500, schedule: str = "cosine", mix: Tuple[float, float, float] = (1, 1, 1)) -> TrainingRun:
+def _pretraining(steps: int, schedule: str = "constant", mix: Tuple[float, float, float] = (1, 1, 1), **more) -> TrainingRun:
     """A run on every skill (an even mix unless told otherwise), from a fresh model: `base`."""
-    return _run(BASE_NAME, *mix, steps, 3e-3, batch_size=64, schedule=schedule)
+    return _run(BASE_NAME, *mix, steps, 3e-3, batch_size=64, schedule=schedule, **more)
+
+
+def _learnt_pretraining() -> TrainingRun:
+    """The forgetting plans' base: a constant rate until a probe finds every skill learnt, then
+    annealed (LEARNT_BASE). `shift` appears abruptly, after a number of steps that depends on the
+    seed and on rounding (under the pinned numerics, near 700-800 steps at this rate for seeds 0
+    and 1): a fixed cosine schedule of 1,500 steps had decayed too far by then on seed 0, whose
+    base never learnt it."""
+    return _pretraining(LEARNT_BASE_FIRST_PROBE, warmup=LEARNT_BASE_WARMUP / LEARNT_BASE_FIRST_PROBE, until_learnt=LEARNT_BASE)
+
+
+# Probe from step 500 (after a warm-up of 100) every 250 steps; 60% is far above chance (25%), and
+# a skill that has appeared passes it within a few hundred steps (`add`, the slowest after `shift`,
+# is near 70% at 1,000 steps); the anneal then takes every skill to 95-100%.
+LEARNT_BASE_FIRST_PROBE = 500
+LEARNT_BASE_WARMUP = 100
+LEARNT_BASE = UntilLearnt(threshold=0.6, every=250, max_steps=4000, anneal=750)
 
 
 SIZE_QUESTIONS = {"default": (300, 1000), "small": (100, 300)}
@@ -134,24 +166,28 @@ def _plan(size: str, post_training: Tuple[TrainingRun, ...], pretraining: Option
     """The forgetting plans' model and pretraining run (which every skill needs in full) unless
     told otherwise, and the size's number of questions."""
     dev_size, test_size = SIZE_QUESTIONS[size]
-    return PoolPlan(size=size, hidden_size=hidden_size, layers=2, pretraining=pretraining or _pretraining(),
+    return PoolPlan(size=size, hidden_size=hidden_size, layers=2, pretraining=pretraining or _learnt_pretraining(),
                     post_training=post_training, dev_size=dev_size, test_size=test_size, **more)
 
 
 # forgetting: Khalifa et al.'s pool (see the module's docstring). Each post-training run keeps
 # what it rehearses and forgets part of the rest; no checkpoint has every skill.
+# The rates: from LEARNT_BASE's annealed base, the earlier rates (1e-3 to 2e-3, and 1e-3 at the
+# small size) forget too little (a run that never rehearses `add` keeps 98% of it: no headroom);
+# two to three times those, each run loses 10-75 points of what it skips.
+SMALL_POST_RATE = 3e-3
 FORGETTING_RUNS = {
     "default": (
-        _post(1, 1, 0, 0, 300, 1e-3),
-        _post(2, 4, 1, 0, 200, 1.5e-3),
-        _post(3, 0, 1, 0, 400, 1e-3),
-        _post(4, 0, 4, 1, 300, 1e-3),
-        _post(5, 0, 0, 1, 200, 1.5e-3),
-        _post(6, 1, 0, 0, 200, 2e-3),
-        _post(7, 1, 1, 0, 300, 1e-3),
-        _post(8, 0, 1, 1, 400, 1e-3),
+        _post(1, 1, 0, 0, 300, 2e-3),
+        _post(2, 4, 1, 0, 200, 3e-3),
+        _post(3, 0, 1, 0, 400, 2e-3),
+        _post(4, 0, 4, 1, 300, 2e-3),
+        _post(5, 0, 0, 1, 200, 3e-3),
+        _post(6, 1, 0, 0, 200, 4e-3),
+        _post(7, 1, 1, 0, 300, 2e-3),
+        _post(8, 0, 1, 1, 400, 2e-3),
     ),
-    "small": tuple(_post(i, *mix, 150, 1e-3) for i, mix in enumerate([(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1), (0, 4, 1)], 1)),
+    "small": tuple(_post(i, *mix, 150, SMALL_POST_RATE) for i, mix in enumerate([(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1), (0, 4, 1)], 1)),
 }
 
 
@@ -251,8 +287,9 @@ CLOSE_MIXES = {"default": [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (1, 1, 1)
 
 def _qwen2(size: str) -> PoolPlan:
     """qwen2: the forgetting plan on a tiny Qwen2 with tied input and output embeddings, twice as
-    wide (hidden size 64): at 32, 1,500 steps of pretraining never teach it `shift` (it stays
-    below chance on seeds 0 and 1), so every checkpoint would miss a skill from the start."""
+    wide (hidden size 64): at 32, a fixed 1,500-step cosine pretraining (the plan before
+    LEARNT_BASE) never taught it `shift` (below chance on seeds 0 and 1). Its base now trains
+    under LEARNT_BASE too, so a seed whose base never learns `shift` fails the build in one line."""
     return _plan(size, FORGETTING_RUNS[size], hidden_size=QWEN2_HIDDEN, design="qwen2", architecture="qwen2")
 
 
@@ -307,6 +344,8 @@ class PoolSummary(BaseModel):
     tasks: List[SkillTasks]
     scores: Dict[str, Dict[str, float]]
     build_seconds: float
+    # The hash of what was built (content_fingerprint); absent from pools built before format 4.
+    content_fingerprint: Optional[str] = None
 
     def macro(self, checkpoint: str, split: str) -> float:
         names = [getattr(task, split) for task in self.tasks]
@@ -403,15 +442,19 @@ def _workspace(directory: Path) -> Path:
     return workspace
 
 
-def _train_pool(workspace: Path, seed: int, plan: PoolPlan, evaluation_questions: frozenset, report: Report,
-                directory: Optional[Path] = None) -> Dict[str, str]:
-    """Train every run of `plan` and save its checkpoints; return what each checkpoint is."""
+def train_pool(workspace: Path, seed: int, plan: PoolPlan, report: Report = lambda line: None) -> None:
+    """Train every run of `plan` in this process and save its checkpoints into `workspace`.
+
+    The bytes are the same on every x86-64 CPU only in a process started with
+    PINNED_ENVIRONMENT; build_pool runs this in one (worker.py)."""
     import torch
 
+    examples = evaluation_examples(seed, plan.dev_size, plan.test_size)
+    # Every question the tasks ask: training never sees one.
+    questions = frozenset(row["question"] for splits in examples.values() for rows in splits.values() for row in rows)
     tokenizer = char_tokenizer()
     runs = plan.runs
     saved = {}  # checkpoint name -> the model saved there, for the runs that start from it
-    descriptions = {}
     for index, run in enumerate(runs):
         if run is plan.pretraining:
             model = tiny_model(tokenizer, seed=seed, architecture=plan.architecture, hidden_size=plan.hidden_size, layers=plan.layers)
@@ -427,19 +470,69 @@ def _train_pool(workspace: Path, seed: int, plan: PoolPlan, evaluation_questions
             if step % max(1, total // 4) == 0 or step == total:
                 report(f"{label}: step {step}/{total}, loss {loss:.3f}")
 
-        train(model, tokenizer, run, seed=seed * 1009 + index, exclude=evaluation_questions, progress=progress)
+        try:
+            train(model, tokenizer, run, seed=seed * 1009 + index, exclude=questions, progress=progress,
+                  log=lambda line: report(f"{label}: {line}"))
+        except SkillsNotLearnt as exc:
+            raise DemoPoolError(workspace, str(exc)) from None
         for name, step in zip(run.checkpoints(), run.saves or (run.steps,)):
             checkpoint = model
             if step != run.steps:
                 checkpoint = copy.deepcopy(model)
                 checkpoint.load_state_dict(snapshots[step])
             if not all(torch.isfinite(tensor).all() for tensor in checkpoint.state_dict().values()):
-                raise DemoPoolError(directory or workspace, f"run {run.name} left non-finite weights in {name}; the plan needs a lower learning rate")
+                raise DemoPoolError(workspace, f"run {run.name} left non-finite weights in {name}; the plan needs a lower learning rate")
             save_checkpoint(checkpoint, tokenizer, workspace / name)
             saved[name] = checkpoint
-            descriptions[name] = run.describe_checkpoint(name)
         report(f"{label}: done in {time.perf_counter() - started:.1f} s")
-    return descriptions
+
+
+def _train_pool(workspace: Path, seed: int, plan: PoolPlan, report: Report, directory: Path) -> Dict[str, str]:
+    """Run train_pool in a child process started with PINNED_ENVIRONMENT, passing its progress
+    lines on to `report`; return what each checkpoint is."""
+    command = [sys.executable, "-m", "mergekit_recycle.demo_pool.worker", str(workspace), str(seed)]
+    child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, **PINNED_ENVIRONMENT})
+    try:
+        child.stdin.write(plan.model_dump_json())
+        child.stdin.close()
+        error = None
+        for line in child.stdout:
+            message = json.loads(line)
+            if "progress" in message:
+                report(message["progress"])
+            error = message.get("error", error)
+        if child.wait() != 0:
+            raise DemoPoolError(directory, error or f"the training process failed (exit status {child.returncode}; its errors are above)")
+    finally:
+        # Interrupted (Ctrl-C, or `report` raised): the child must not go on writing into the workspace.
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+    return {name: run.describe_checkpoint(name) for run in plan.runs for name in run.checkpoints()}
+
+
+def content_fingerprint(directory: Path, checkpoints: List[str], tasks: List[SkillTasks]) -> str:
+    """A hash of what a pool holds: every tensor of each checkpoint (name, dtype, shape and bytes,
+    in checkpoint order and tensor-name order) and the bytes of every task's data file.
+
+    It reads the tensors, not the files: safetensors' header layout, config.json and the tokenizer
+    files (which record the transformers version) do not change it; the numbers do."""
+    import torch
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    for checkpoint in checkpoints:
+        with safe_open(str(Path(directory) / checkpoint / "model.safetensors"), framework="pt") as weights:
+            for name in sorted(weights.keys()):
+                tensor = weights.get_tensor(name).contiguous()
+                digest.update(json.dumps([checkpoint, name, str(tensor.dtype), list(tensor.shape)]).encode() + b"\n")
+                digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    for name in sorted(name for task in tasks for name in (task.search, task.holdout)):
+        digest.update(json.dumps([f"tasks/{name}.jsonl"]).encode() + b"\n")
+        digest.update((Path(directory) / "tasks" / f"{name}.jsonl").read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _score_pool(workspace: Path, checkpoints: List[str], tasks: List[SkillTasks], report: Report) -> Dict[str, Dict[str, float]]:
@@ -485,15 +578,14 @@ def build_pool(directory: Path, seed: int = 0, size: Union[str, PoolPlan] = "def
     try:
         transformers_logging.disable_progress_bar()
         started = time.perf_counter()
-        examples = evaluation_examples(seed, plan.dev_size, plan.test_size)
-        questions = frozenset(row["question"] for splits in examples.values() for rows in splits.values() for row in rows)
-        descriptions = _train_pool(workspace, seed, plan, questions, report, directory)
-        tasks = write_tasks(workspace / "tasks", examples)
+        descriptions = _train_pool(workspace, seed, plan, report, directory)
+        tasks = write_tasks(workspace / "tasks", evaluation_examples(seed, plan.dev_size, plan.test_size))
         scores = _score_pool(workspace, list(descriptions), tasks, report)
         (workspace / "recipe.yaml").write_text(plan_recipe(plan))
         summary = PoolSummary(
             format=FORMAT, design=plan.design, seed=seed, size=plan.size, fingerprint=plan.fingerprint(), checkpoints=descriptions,
             tasks=tasks, scores=scores, build_seconds=round(time.perf_counter() - started, 1),
+            content_fingerprint=content_fingerprint(workspace, list(descriptions), tasks),
         )
         (workspace / MANIFEST).write_text(summary.model_dump_json(indent=2) + "\n")
         return _move_into_place(workspace, directory, seed, plan, summary)
@@ -530,4 +622,6 @@ def summary_table(summary: PoolSummary) -> str:
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
     lines.append("")
     lines += [f"{checkpoint}: {description}" for checkpoint, description in summary.checkpoints.items()]
+    if summary.content_fingerprint:
+        lines.append(f"content fingerprint: {summary.content_fingerprint} (the same on every x86-64 CPU; name it with any figure measured on this pool)")
     return "\n".join(lines)
