@@ -355,9 +355,9 @@ def plot(run_dir: Path, report: Dict[str, Any], records: List[Record]) -> List[P
     paths = []
     proposals = [r for r in _evaluations(records, "search") if r["kind"] == "proposal" and r["reused"] is None]
     baselines = [row for row in report["rows"] if row["kind"] != "optimized" and row["search"]]
-    kind_colors = {"checkpoint": "grey", "uniform": "tab:green", "greedy": "tab:red"}
+    kind_colors = {"checkpoint": "black", "uniform": "tab:green", "greedy": "tab:red"}
 
-    figure, axes = plt.subplots(figsize=(7, 4))
+    figure, axes = plt.subplots(figsize=(9, 4))
     values = [r["objective"] for r in proposals]
     shown = search_start(report, records)
     best, so_far = [], max(shown.values(), default=float("-inf"))
@@ -379,7 +379,7 @@ def plot(run_dir: Path, report: Dict[str, Any], records: List[Record]) -> List[P
             axes.axhline(row["search"]["objective"], linestyle=":", linewidth=1, color=kind_colors[row["kind"]],
                          label=f"{row['name'] if row['kind'] != 'checkpoint' else 'best single: ' + row['name']}")
     axes.set(xlabel="evaluation", ylabel="search objective", title="Search progress")
-    axes.legend(fontsize=7)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the points, never on them
     paths.append(_save(figure, run_dir / "progress.png"))
 
     winner = next((row for row in report["rows"] if row["kind"] == "optimized" and row["search"]), None)
