@@ -24,7 +24,9 @@ def main(workspace: str, seed: str) -> int:
         print(json.dumps({"progress": line}), flush=True)
 
     import torch
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # the parent reports progress; a bar per saved shard is noise
     # Kernels that give one answer whatever the run: none of the nondeterministic ones, and not
     # oneDNN's, which choose their code by the CPU as MKL does (unused by these fp32 models today).
     torch.use_deterministic_algorithms(True)
