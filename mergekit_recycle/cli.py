@@ -83,20 +83,13 @@ MERGE_SUMMARY = "Merge CONFIG_FILE (any mergekit YAML) into OUT_PATH, with recyc
 
 
 def recipe_argument(ctx: click.Context, param: click.Parameter, path: Path) -> Path:
-    """RECIPE_FILE, refused in one line when it cannot be a recipe file (click's own check prints its
-    usage text, three lines); a missing file is left to load_recipe, which names it."""
-    import errno
+    """RECIPE_FILE, refused in one line when it is a folder (click's own check prints its usage text,
+    three lines), with the recipe inside it as a hint; any other unreadable path is left to
+    load_recipe, which names it."""
     import os
 
-    from mergekit_recycle.errors import RecipeError, shorten
+    from mergekit_recycle.errors import RecipeError
 
-    try:
-        os.stat(path)
-    except OSError as exc:
-        if exc.errno == errno.ENAMETOOLONG:
-            raise RecipeError(shorten(str(path), 120), "", "a name in this path is longer than the file system "
-                              "allows: give the recipe file's real path") from None
-        return path
     if os.path.isdir(path):
         hint = f"; did you mean {path / 'recipe.yaml'}?" if os.path.isfile(path / "recipe.yaml") else ""
         raise RecipeError(path, "", f"is a folder, not a recipe file: give the recipe's YAML file{hint}")

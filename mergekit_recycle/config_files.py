@@ -1,6 +1,7 @@
 """Reading YAML files into pydantic models, with one-line errors that name the field; writing
 files so that a reader never sees half of one."""
 
+import errno
 import json
 import os
 import re
@@ -80,6 +81,9 @@ def read_yaml(path: Path, error: Type[ConfigFileError], not_found: Type[ConfigFi
     except OSError as exc:  # a name too long, a symlink loop, no permission: the file system's own words
         if isinstance(exc, ConfigFileError):
             raise
+        if exc.errno == errno.ENAMETOOLONG:
+            raise error(path, "", f"a name in this path is longer than the file system allows ({exc.strerror}): "
+                        "give the file's real path") from None
         raise error(path, "", f"cannot be read: {exc.strerror or exc}") from None
     try:
         return yaml.load(text, Loader=_StrictLoader)
