@@ -175,49 +175,50 @@ def outcome(result: dict) -> dict:
 def replay_choices(robust: dict, args) -> Dict[str, dict]:
     """The robust run's choice at other confidence levels (and `point`: a plain comparison), each scored on holdout."""
     from mergekit_recycle.candidate import ResidentEvaluator
-    from mergekit_recycle.journal import JOURNAL, Journal
+    from mergekit_recycle.journal import Journal
     from mergekit_recycle.pool import resolve_pool
     from mergekit_recycle.proposal import Merge
+    from mergekit_recycle.records import EvaluationRecord, SelectionRecord
+    from mergekit_recycle.run_folder import JOURNAL
     from mergekit_recycle.selection import Contender, choose, interval
 
-    recipe, records = robust["recipe"], Journal(robust["run_dir"] / JOURNAL, repair=False).records
-    selection = [r for r in records if r.get("type") == "selection"][-1]
-    evaluations = [r for r in records if r.get("type") == "evaluation" and r["status"] == "ok"]
-    by_key = {(tuple(r["key"]), r["split"]): r for r in evaluations}
-    chosen = {r["name"]: r for r in evaluations if r["split"] == "selection"}
-    names = [r["name"] for r in chosen.values() if r["kind"] != "finalist"] + selection["finalists"]
+    recipe, journal = robust["recipe"], Journal(robust["run_dir"] / JOURNAL, repair=False)
+    selection = journal.of_type(SelectionRecord)[-1]
+    evaluations = [r for r in journal.of_type(EvaluationRecord) if r.ok]
+    by_key = {(r.key, r.split): r for r in evaluations}
+    chosen = {r.name: r for r in evaluations if r.split == "selection"}
+    names = [r.name for r in chosen.values() if r.kind != "finalist"] + selection.finalists
     contenders, merges = {}, {}
     for name in names:
         record = chosen[name]
-        searched = by_key.get((tuple(record["key"]), "search"))
-        kind = "proposal" if record["kind"] == "finalist" else record["kind"]
-        contenders[name] = Contender(name, kind, searched["objective"] if searched else None, record["objective"],
-                                     record.get("documents"))
-        merges[name] = Merge(weights=record["weights"], scale=record["scale"])
+        searched = by_key.get((record.key, "search"))
+        kind = "proposal" if record.kind == "finalist" else record.kind
+        contenders[name] = Contender(name, kind, searched.objective if searched else None, record.objective,
+                                     record.documents)
+        merges[name] = Merge(weights=record.weights, scale=record.scale)
     baselines = [c for c in contenders.values() if c.kind not in ("proposal",)]
-    finalists = [contenders[name] for name in selection["finalists"] if name in contenders]
+    finalists = [contenders[name] for name in selection.finalists if name in contenders]
     shares = recipe.shares()
     decisions = {f"confidence {c}": choose(baselines, finalists, shares, recipe.selection.holdback, c).winner
                  for c in CONFIDENCES}
     point = choose(baselines, finalists, shares, recipe.selection.holdback, 0.5)
     decisions["point"] = point.challenger if point.margin is not None and point.margin > 0 else point.reference
 
-    holdout = {r["name"]: r for r in evaluations if r["split"] == "holdout" and r["kind"] in ("checkpoint", "uniform", "greedy")}
-    singles = [r for r in holdout.values() if r["kind"] == "checkpoint"]
-    best = max(singles, key=lambda r: r["objective"])
+    holdout = {r.name: r for r in evaluations if r.split == "holdout" and r.kind in ("checkpoint", "uniform", "greedy")}
+    singles = [r for r in holdout.values() if r.kind == "checkpoint"]
+    best = max(singles, key=lambda r: r.objective)
     evaluator = None
     replayed = {}
     for label, name in decisions.items():
         merge = merges[name]
         scored = by_key.get((merge.key, "holdout"))
-        if scored is None or "documents" not in scored:
+        if scored is None or scored.documents is None:
             if evaluator is None:
                 pool = resolve_pool(recipe, robust["source"])
                 evaluator = ResidentEvaluator(recipe, pool, "cpu", robust["source"])
-            evaluation = evaluator.evaluate(merge, "holdout")
-            scored = {"objective": evaluation.objective, "documents": evaluation.documents}
-        margin = interval(scored["documents"], best["documents"], shares, scored["objective"] - best["objective"])
-        replayed[label] = {"winner": name, "holdout": round(scored["objective"] * 100, 2),
+            scored = evaluator.evaluate(merge, "holdout")  # an Evaluation: objective and documents, as a record has
+        margin = interval(scored.documents, best.documents, shares, scored.objective - best.objective)
+        replayed[label] = {"winner": name, "holdout": round(scored.objective * 100, 2),
                            "vs_best_checkpoint": round(margin.margin * 100, 2),
                            "ci": [round(margin.low * 100, 2), round(margin.high * 100, 2)] if margin.low is not None else None}
     return replayed

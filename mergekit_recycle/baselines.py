@@ -16,23 +16,10 @@ def single(names: List[str], name: str) -> Merge:
     return Merge.of(names, [name])
 
 
-def baseline_merges(names: List[str], score: ScoreSearch,
-                    say: Callable[[str], None] = lambda line: None) -> Dict[str, Tuple[str, Merge]]:
-    """name -> (kind, merge) of every baseline, scoring each on the search split as it goes;
-    `say` is told each greedy step's outcome and the final soup."""
-    baselines: Dict[str, Tuple[str, Merge]] = {}
-    objectives: Dict[str, float] = {}
-    for name in names:
-        merge = single(names, name)
-        baselines[name] = ("checkpoint", merge)
-        value = score(merge, "checkpoint", name)
-        if value is not None:
-            objectives[name] = value
-    uniform = Merge.of(names)
-    baselines["uniform soup"] = ("uniform", uniform)
-    score(uniform, "uniform", "uniform soup")
-    baselines["greedy soup"] = ("greedy", greedy_soup(names, objectives, score, say))
-    return baselines
+def first_baselines(names: List[str]) -> List[Tuple[str, str, Merge]]:
+    """(kind, name, merge) of the baselines that depend on nothing else: every single checkpoint and the
+    uniform soup. They are scored as one batch; the greedy soup follows from their scores."""
+    return [("checkpoint", name, single(names, name)) for name in names] + [("uniform", "uniform soup", Merge.of(names))]
 
 
 def greedy_soup(names: List[str], objectives: Dict[str, float], score: ScoreSearch,

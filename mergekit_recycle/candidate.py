@@ -1,27 +1,28 @@
-"""Evaluating one candidate: merge it into the resident model, score it with lm-eval.
+"""Evaluating candidates: merge each into the resident model, score it with lm-eval.
 
-`CandidateEvaluator` is the whole interface the search loop sees: give it a merge and a
-split, get back per-task scores and the objective. The resident implementation here runs
-in this process on one device; spreading a generation over several GPUs or machines (Ray)
-means another implementation of the same method, not a change to the search.
+`CandidateEvaluator` is the whole interface the search loop sees: give it a batch of merges
+and a split, get back one `Outcome` per merge (the scores and the objective, or why it
+failed) as each is ready. The resident implementation here runs in this process on one
+device, one merge after the other; `ray_evaluator.RayEvaluator` spreads a batch over Ray
+actors on several GPUs or machines, each holding a `ResidentEvaluator` of its own.
 """
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Protocol
+from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 from pydantic import BaseModel, ConfigDict
 
 from mergekit_recycle.constants import DEFAULT_BATCH_SIZE
-from mergekit_recycle.errors import LimitOnGroupError, RecipeError
+from mergekit_recycle.errors import ConfigFileError, LimitOnGroupError, PoolError, RecipeError, one_line
 from mergekit_recycle.evaluate import Scorer, check_metrics, metric_name, named_task_errors, needs_lm_eval_tasks
 from mergekit_recycle.pool import Pool
 from mergekit_recycle.proposal import Merge
 from mergekit_recycle.recipe import Recipe
+from mergekit_recycle.records import Split
 from mergekit_recycle.resident_merge import ResidentMerger, load_resident_model
-
-Split = Literal["search", "selection", "holdout"]
 
 # search: what CMA-ES sees; selection: the search tasks' held-back documents, which choose the
 # winner (recipe `selection.holdback`); holdout: the report's tasks, never used to choose.
@@ -44,9 +45,40 @@ class Evaluation(BaseModel):
     documents: Optional[Dict[str, List[float]]] = None
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one merge of a batch: its evaluation, or the one line that says why it failed."""
+
+    evaluation: Optional[Evaluation] = None
+    error: Optional[str] = None
+    seconds: float = 0.0  # wall time of the attempt, failed or not
+    worker: Optional[int] = None  # the Ray worker that evaluated it (None: this process)
+
+
 class CandidateEvaluator(Protocol):
-    def evaluate(self, merge: Merge, split: Split) -> Evaluation:
-        """Merge `merge` and score it on the recipe's `split` tasks; raise if either fails."""
+    def evaluate_many(self, merges: Sequence[Merge], split: Split) -> Iterator[Tuple[int, Outcome]]:
+        """Merge and score each of `merges` on the recipe's `split` tasks; yield (its index, its outcome) as each
+        is ready, in any order, exactly once per merge. A failed candidate is an Outcome with an error; an error
+        that would fail every candidate alike (ConfigFileError, PoolError) is raised."""
+
+
+# Errors that say the recipe or the pool is wrong, not the candidate: every candidate would fail alike.
+FATAL_ERRORS = (ConfigFileError, PoolError)
+
+
+def attempt(evaluate: Callable[[Merge, Split], Evaluation], merge: Merge, split: Split) -> Outcome:
+    """evaluate(merge, split) as an Outcome: a candidate that fails, or scores NaN, must not end the search."""
+    started = time.perf_counter()
+    try:
+        evaluation = evaluate(merge, split)
+    except FATAL_ERRORS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - mergekit, torch and lm-eval raise many kinds; each ends as one line
+        return Outcome(error=one_line(f"{type(exc).__name__}: {exc}"), seconds=time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    if not all(math.isfinite(value) for value in [*evaluation.scores.values(), evaluation.objective]):
+        return Outcome(evaluation=evaluation, error=f"scored NaN: {evaluation.scores}", seconds=seconds)
+    return Outcome(evaluation=evaluation, seconds=seconds)
 
 
 def objective(recipe: Recipe, scores: Dict[str, float]) -> float:
@@ -57,6 +89,27 @@ def objective(recipe: Recipe, scores: Dict[str, float]) -> float:
 def task_name(task, split: Split) -> str:
     """The lm-eval task a recipe task scores on `split`: the selection split is the search task's held-back part."""
     return task.holdout if split == "holdout" else task.search
+
+
+def one_at_a_time(evaluate: Callable[[Merge, Split], Evaluation], merges: Sequence[Merge],
+                  split: Split) -> Iterator[Tuple[int, Outcome]]:
+    """A batch evaluated one merge after the other, in order, each outcome yielded as soon as it is known."""
+    for index, merge in enumerate(merges):
+        yield index, attempt(evaluate, merge, split)
+
+
+class OneAtATime:
+    """A CandidateEvaluator made of an object that evaluates one merge at a time (`evaluate(merge, split)`),
+    as evaluators written before batches were."""
+
+    def __init__(self, evaluator):
+        self.evaluator = evaluator
+
+    def evaluate_many(self, merges: Sequence[Merge], split: Split) -> Iterator[Tuple[int, Outcome]]:
+        return one_at_a_time(self.evaluator.evaluate, merges, split)
+
+    def __getattr__(self, name: str):
+        return getattr(self.evaluator, name)  # describe(), close(), ...
 
 
 class ResidentEvaluator:
@@ -96,7 +149,11 @@ class ResidentEvaluator:
         where = "kept in memory" if self.merger.in_memory else "streamed from disk for every candidate"
         return f"checkpoints: {megabytes:.1f} MiB in all, {where} (see MERGEKIT_RECYCLE_POOL_MEMORY)"
 
+    def evaluate_many(self, merges: Sequence[Merge], split: Split) -> Iterator[Tuple[int, Outcome]]:
+        return one_at_a_time(self.evaluate, merges, split)
+
     def evaluate(self, merge: Merge, split: Split) -> Evaluation:
+        """Merge `merge` into the resident model (unless it is there already) and score it on `split`."""
         started = time.perf_counter()
         if merge != self._current:
             self._current = None  # a merge that fails half-way leaves the model in no known state

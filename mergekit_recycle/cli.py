@@ -265,10 +265,18 @@ class Budget(click.ParamType):
               help="Keep the search in the output repo's recycle/ folder: continue the search saved there, save it "
               "after every generation, and with --push publish a new model only when its holdout objective beats the "
               "published one (for scheduled runs on ephemeral runners).")
+@click.option("--workers", type=click.IntRange(min=1), help="Evaluate each generation on this many Ray workers at "
+              "once (one per GPU on CUDA; needs `pip install 'mergekit-recycle[ray]'`). Starts a local Ray instance, "
+              "or joins --ray-address / RAY_ADDRESS. Default: no Ray, one candidate at a time in this process.")
+@click.option("--ray-address", help="Join this Ray cluster (e.g. 10.0.0.1:6379, or auto) and evaluate on its "
+              "workers: --workers of them, else one per GPU (or per --cpus-per-worker CPUs).")
+@click.option("--cpus-per-worker", type=click.IntRange(min=1), help="CPU threads of each Ray worker (default: the "
+              "CPUs shared out among the workers; 1 on GPU workers).")
 @click.option("--quiet", is_flag=True, help="No progress bar or progress lines (for CI logs).")
 def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optional[Tuple[int, bool]],
                      seed: Optional[int], device: Optional[str], time_budget: Optional[float], restart: bool,
-                     batch_size: int, push: Optional[bool], resume_from_hub: bool, quiet: bool) -> None:
+                     batch_size: int, push: Optional[bool], resume_from_hub: bool, workers: Optional[int],
+                     ray_address: Optional[str], cpus_per_worker: Optional[int], quiet: bool) -> None:
     """Search the best linear merge of RECIPE_FILE's pool with CMA-ES, then report it against the baselines.
 
     Rerun the same command to continue a run that stopped; raise --budget to search further.
@@ -279,6 +287,8 @@ def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optiona
     from mergekit_recycle.recipe import load_recipe
     from mergekit_recycle.report import table
 
+    if cpus_per_worker is not None and workers is None and ray_address is None:
+        raise click.UsageError("--cpus-per-worker sets the threads of Ray workers: give --workers N or --ray-address too")
     recipe = load_recipe(recipe_file)
     check_tasks_exist(recipe, recipe_file)
     pushing = bool(push or (push is None and recipe.output.hub_repo))
@@ -302,6 +312,9 @@ def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optiona
         restart=restart,
         batch_size=batch_size,
         started=started,
+        workers=workers,
+        ray_address=ray_address,
+        cpus_per_worker=cpus_per_worker,
     )
     say = quiet_say(quiet)
     report = optimize(recipe, recipe_file, options, say=say, progress=not quiet, hub_state=hub_state)
@@ -311,10 +324,12 @@ def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optiona
     click.echo(f"report: {options.run_dir / 'report.md'}" + (f"; merged model: {options.run_dir / 'merged'}" if merged else ""))
     if hub_state is not None:
         from mergekit_recycle.optimize import merge_winner
+        from mergekit_recycle.publish_policy import conclude
         from mergekit_recycle.resident_merge import resolve_device
 
-        click.echo(hub_state.conclude(options.run_dir, report, destination, pushing, say, lambda: merge_winner(
-            options.run_dir, resolve_device(options.device), trust_remote_code=recipe.merge.trust_remote_code)))
+        click.echo(conclude(hub_state, options.run_dir, report, destination, pushing, say, lambda: merge_winner(
+            options.run_dir, resolve_device("auto" if options.uses_ray else options.device),
+            trust_remote_code=recipe.merge.trust_remote_code)))
     elif destination is not None:
         from mergekit_recycle.publish import publish, published
 
@@ -395,7 +410,8 @@ def report_command(ctx: click.Context, run_dir: Path, as_json: bool, as_summary:
         click.echo(json.dumps(report, indent=2))
         return
     if as_summary:
-        from mergekit_recycle.journal import JOURNAL, Journal
+        from mergekit_recycle.journal import Journal
+        from mergekit_recycle.run_folder import JOURNAL
 
         click.echo(summary(report, Journal(run_dir / JOURNAL, repair=False).records), nl=False)
         return

@@ -15,6 +15,12 @@ def _env_bool(name: str, default: bool = False) -> bool:
 # Show full tracebacks instead of the one-line error messages of the CLI.
 MERGEKIT_RECYCLE_DEBUG: bool = _env_bool("MERGEKIT_RECYCLE_DEBUG")
 
+def ray_address() -> "str | None":
+    """The Ray cluster that `--workers` joins when no --ray-address is given: Ray's own RAY_ADDRESS, read when
+    a run starts (None: a local Ray instance is started). It is only read when --workers asks for Ray."""
+    return os.environ.get("RAY_ADDRESS", "").strip() or None
+
+
 # The registered name of our merge method, as written in mergekit YAML files.
 RECYCLE_LINEAR = "recycle_linear"
 
@@ -72,15 +78,30 @@ DEFAULT_SAVE_INTERVAL = 60.0
 
 def save_interval() -> float:
     """Seconds between two saves of the search state to the Hub (MERGEKIT_RECYCLE_SAVE_INTERVAL)."""
+    return env_seconds(SAVE_INTERVAL_VARIABLE, DEFAULT_SAVE_INTERVAL)
+
+
+# How long a Ray worker may wait to be placed (at the start, or again after its node was lost) before
+# the run goes on without it.
+RAY_PLACEMENT_VARIABLE = "MERGEKIT_RECYCLE_RAY_PLACEMENT_SECONDS"
+DEFAULT_RAY_PLACEMENT_SECONDS = 120.0
+
+
+def ray_placement_seconds() -> float:
+    return env_seconds(RAY_PLACEMENT_VARIABLE, DEFAULT_RAY_PLACEMENT_SECONDS)
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A finite number of seconds >= 0 from the environment; `default` when unset."""
     from mergekit_recycle.errors import SettingError
 
-    value = os.environ.get(SAVE_INTERVAL_VARIABLE, "").strip()
+    value = os.environ.get(name, "").strip()
     if not value:
-        return DEFAULT_SAVE_INTERVAL
+        return default
     try:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
     if not seconds >= 0 or seconds == float("inf"):
-        raise SettingError(SAVE_INTERVAL_VARIABLE, value, "a number of seconds >= 0, e.g. 60")
+        raise SettingError(name, value, f"a number of seconds >= 0, e.g. {default:g}")
     return seconds

@@ -15,6 +15,20 @@ class RecycleError(Exception):
     # Exit status of the CLI: 2 for input the user can fix, 1 for everything else.
     exit_code: ClassVar[int] = 1
 
+    def __reduce__(self):
+        # Pickled as its message and attributes, not by calling __init__ again with `args` (which holds the
+        # message only): a Ray worker's error reaches the driver as the same error, with the same attributes.
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type, args: tuple, state: dict) -> "RecycleError":
+    # The most derived builtin's constructor: an error that is both a ValueError and an OSError needs OSError's.
+    builtin = next(base for base in cls.__mro__ if base.__module__ == "builtins")
+    error = (OSError if issubclass(cls, OSError) else builtin).__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class ConfigFileError(RecycleError, ValueError):
     """A YAML file that cannot be used as written, with the field at fault.
@@ -315,3 +329,23 @@ class NonFiniteMergeError(RecycleError, ValueError):
         self.scale = scale
         super().__init__(f"the merged tensor {tensor} holds NaN or inf values in {dtype} (scale {scale:g}): "
                          "the merge overflows; narrow search.scale or merge in a wider merge.dtype")
+
+
+class RayNotInstalledError(RecycleError, ImportError):
+    """--workers or --ray-address asked for Ray, which is not installed."""
+
+    exit_code = 2
+
+    def __init__(self):
+        super().__init__("--workers and --ray-address run on Ray, which is not installed: "
+                         "pip install 'mergekit-recycle[ray]' (on every node of the cluster)")
+
+
+class RayWorkerError(RecycleError, RuntimeError):
+    """The Ray workers cannot go on: none could be placed, all are lost, or one failed outside a candidate.
+    ``node`` names where."""
+
+    def __init__(self, node: str, message: str):
+        self.node = node
+        self.message = message
+        super().__init__(f"Ray worker on {node}: {message}" if node != "the cluster" else f"Ray: {message}")

@@ -16,9 +16,10 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from mergekit_recycle import hub
 from mergekit_recycle.architecture import config_problem, read_architecture, unsupported_reason
+from mergekit_recycle.checkpoints import Checkpoint
 from mergekit_recycle.errors import PoolError
-from mergekit_recycle.pool import Checkpoint
 from mergekit_recycle.recipe import HubCheckpoints
+from mergekit_recycle.records import RunRecord
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -31,17 +32,17 @@ class Pinned:
     checkpoints: Tuple[Checkpoint, ...]
 
 
-def pins_from_run(run: Optional[Dict[str, Any]]) -> Dict[str, Pinned]:
+def pins_from_run(run: Optional[RunRecord]) -> Dict[str, Pinned]:
     """The pins a journal's `run` record holds, by recipe location (`pool[0]`, `base`)."""
-    if not run or "entries" not in run:
+    if run is None or run.entries is None:
         return {}
     # A run record read from the Hub (hub_state.py) names no folders: a pin needs none.
-    checkpoints = [Checkpoint.model_validate({"path": ".", **c}) for c in run["checkpoints"]]
+    checkpoints = [Checkpoint.model_validate({"path": ".", **c}) for c in run.checkpoints]
     pins = {location: Pinned(entry, tuple(c for c in checkpoints if c.location == location and c.sha))
-            for location, entry in run["entries"].items()}
-    if run.get("base") and "base" in pins:
+            for location, entry in run.entries.items()}
+    if run.base and "base" in pins:
         # An anchor that is also a pool member was journaled under the member's location.
-        base = Checkpoint.model_validate({"path": ".", **run["base"]}).model_copy(update={"location": "base"})
+        base = Checkpoint.model_validate({"path": ".", **run.base}).model_copy(update={"location": "base"})
         pins["base"] = Pinned(pins["base"].entry, (base,) if base.sha else ())
     return pins
 

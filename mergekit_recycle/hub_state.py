@@ -7,8 +7,8 @@ Actions job) continue one search:
   - after the baselines and after every generation, `save` commits both files (one small commit;
     at most one a minute by default, as the Hub limits commits per repo and hour), so a runner
     killed mid-search loses at most the generation it was in, or that minute;
-  - at the end, `conclude` pushes a new model revision only when the winner's holdout objective
-    beats the published one (recycle/report.json), and otherwise commits the state alone.
+  - at the end, publish_policy.conclude pushes a new model revision only when the winner's holdout
+    objective beats the published one (recycle/report.json), and otherwise commits the state alone.
 Every commit names the commit it follows (`parent_commit`). When another writer committed in
 between, the Hub refuses it (412): if the other commit left the search state alone (someone
 edited the card; a model revision replaces the card all the same), or holds this run's own
@@ -19,7 +19,6 @@ The journal is published as `export_journal` gives it: without this machine's pa
 that adopts it names its own checkpoint folders in the `run` record (`run_identity`).
 """
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -27,50 +26,56 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from mergekit_recycle import constants, hub
-from mergekit_recycle.errors import ConcurrentRunError, HubStateError, PublishError, RunDirError
-from mergekit_recycle.journal import JOURNAL, Journal, now
+from mergekit_recycle.checkpoints import Checkpoint
+from mergekit_recycle.errors import ConcurrentRunError, HubStateError, RunDirError
+from mergekit_recycle.journal import Journal, dumps
+from mergekit_recycle.records import (EvaluationRecord, MergeFailedRecord, Record, RunRecord, parse_record,
+                                      proposals_evaluated)
+from mergekit_recycle.run_folder import JOURNAL, SEARCH_STATE, read_search_state
 
-Record = Dict[str, Any]
 JOURNAL_FILE = "recycle/journal.jsonl"
 SEARCH_FILE = "recycle/search.json"
 REPORT_FILE = "recycle/report.json"
 
 
 def export_journal(records: List[Record]) -> List[Record]:
-    """The journal as published: without this machine's paths."""
-    from mergekit_recycle.pool import Checkpoint
+    """The journal as published: without this machine's paths (the run's checkpoint folders, a local
+    entry's path, the home folder in an error)."""
+    return [_public_run(record) if isinstance(record, RunRecord) else _error_without_home(record)
+            for record in records]
 
-    def public(checkpoint: Optional[Record]) -> Optional[Record]:
+
+def _public_run(run: RunRecord) -> RunRecord:
+    """The run record with each checkpoint by its published source, and a local entry by its folder's name.
+    (Its checkpoints and entries are JSON: pool.Checkpoint and recipe entries as the journal keeps them.)"""
+
+    def public(checkpoint: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
         if checkpoint is None:
             return None
         exported = {key: value for key, value in checkpoint.items() if key != "path"}
         return {**exported, "source": Checkpoint.model_validate(checkpoint).published_source}
 
-    def entry(value: Record) -> Record:
+    def entry(value: Dict[str, Any]) -> Dict[str, Any]:
         return {**value, "path": f"local:{Path(value['path']).name}"} if "path" in value else value
 
-    exported = []
-    for record in records:
-        record = without_home(record)
-        if record.get("type") == "run":
-            record = {**record, "checkpoints": [public(c) for c in record["checkpoints"]], "base": public(record.get("base")),
-                      "entries": {k: entry(v) for k, v in record.get("entries", {}).items()}}
-        exported.append(record)
-    return exported
+    return run.model_copy(update={"checkpoints": [public(c) for c in run.checkpoints], "base": public(run.base),
+                                  "entries": {k: entry(v) for k, v in (run.entries or {}).items()}})
 
 
-def without_home(record: Record) -> Record:
-    """A failed evaluation's message may name a file under the home folder: given as ~ instead."""
+def _error_without_home(record: Record) -> Record:
+    if isinstance(record, (EvaluationRecord, MergeFailedRecord)) and record.error:
+        return record.model_copy(update={"error": without_home(record.error)})
+    return record
+
+
+def without_home(message: str) -> str:
+    """A message as published: a file under the home folder (a failed evaluation's error may name one) as ~."""
     home = str(Path.home())
-    if not record.get("error") or home in ("", "/"):
-        return record
-    return {**record, "error": record["error"].replace(home, "~")}
+    return message if home in ("", "/") else message.replace(home, "~")
 
 
 def state_files(run_dir: Path) -> Dict[str, bytes]:
     """The search state as the Hub keeps it, by path in the repo: the exported journal and search.json."""
-    from mergekit_recycle.optimize import SEARCH_STATE
-
     records = export_journal(Journal(run_dir / JOURNAL, repair=False).records)
     files = {JOURNAL_FILE: _lines(records)}
     if (run_dir / SEARCH_STATE).is_file():
@@ -97,15 +102,15 @@ def _journal_at_head(repo_id: str) -> Tuple[Optional[str], Optional[bytes]]:
 
 
 def _lines(records: List[Record]) -> bytes:
-    return "".join(json.dumps(r, allow_nan=False, separators=(",", ":")) + "\n" for r in records).encode()
+    return "".join(dumps(record) for record in records).encode()
 
 
 def _same(mine: Record, theirs: Record) -> bool:
     """One journal record, as this run has it and as the Hub has it. A `run` record is the same run
     when its fingerprint is: its checkpoints name each machine's own folders."""
-    if mine.get("type") == "run" == theirs.get("type"):
-        return (mine.get("fingerprint"), mine.get("started")) == (theirs.get("fingerprint"), theirs.get("started"))
-    return mine == theirs
+    if isinstance(mine, RunRecord) and isinstance(theirs, RunRecord):
+        return (mine.fingerprint, mine.started) == (theirs.fingerprint, theirs.started)
+    return mine.to_json() == theirs.to_json()
 
 
 @dataclass
@@ -131,26 +136,32 @@ class HubState:
 
     @property
     def records(self) -> List[Record]:
-        """The Hub's journal, parsed (only when it is continued: --restart replaces even a damaged one)."""
+        """The Hub's journal, typed (read only when it is continued: --restart replaces even a damaged one)."""
         records = []
         for number, line in enumerate((self.journal or b"").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                data = json.loads(line)
             except ValueError:
-                raise HubStateError(self.repo_id, f"{JOURNAL_FILE} line {number} at commit {self.head[:7]} is not "
-                                    "JSON: restore it on the Hub, or rerun with --restart to start a new search "
-                                    "there") from None
+                raise self._damaged(number, "is not JSON") from None
+            try:
+                records.append(parse_record(data))
+            except ValueError as exc:
+                raise self._damaged(number, f"is no journal record ({' '.join(str(exc).splitlines()[:2])})") from None
         return records
 
-    def adopt(self, run_dir: Path, identity: Record, say: Callable[[str], None]) -> None:
+    def _damaged(self, number: int, what: str) -> HubStateError:
+        return HubStateError(self.repo_id, f"{JOURNAL_FILE} line {number} at commit {self.head[:7]} {what}: restore "
+                             "it on the Hub, or rerun with --restart to start a new search there")
+
+    def adopt(self, run_dir: Path, identity: Dict[str, Any], say: Callable[[str], None]) -> None:
         """Extend RUN_DIR's journal with the records the Hub has beyond it (all of them on a fresh runner).
 
+        `identity`: the run record's fields that name this runner's own checkpoint folders
+        (optimize.run_identity), which replace the first runner's in the run record adopted.
         Refused when the two are different runs: each would overwrite the other's state.
         """
-        from mergekit_recycle.optimize import SEARCH_STATE, proposals_evaluated
-
         theirs = self.records
         path = run_dir / JOURNAL
         local = Journal(path).records if path.is_file() else []
@@ -165,7 +176,7 @@ class HubState:
         extra = theirs[len(mine):]
         if not local:
             # The Hub's run record names the first runner's folders; this runner names its own.
-            extra = [{**extra[0], **identity}] + extra[1:]
+            extra = [extra[0].model_copy(update=identity)] + extra[1:]
         journal = Journal(path)
         for record in extra:
             journal.append(record)
@@ -181,8 +192,6 @@ class HubState:
         limits commits per repo and hour), and a failed one is reported and left to the next (the
         run folder keeps everything). The `final` save always commits, and fails loudly.
         """
-        from mergekit_recycle.optimize import read_search_state
-
         if not final and time.monotonic() - self.last_save < constants.save_interval():
             return None
         files = state_files(run_dir)
@@ -247,7 +256,7 @@ class HubState:
             raise ConcurrentRunError(self.repo_id, self.head, head, title)
         self.head, self.journal, self.search = head, theirs, _download(self.repo_id, SEARCH_FILE, head)
 
-    def published_report(self) -> Optional[Record]:
+    def published_report(self) -> Optional[Dict[str, Any]]:
         """recycle/report.json of the model the repo holds (None before the first model revision)."""
         data = _download(self.repo_id, REPORT_FILE, self.head) if self.head is not None else None
         if data is None:
@@ -258,95 +267,6 @@ class HubState:
             report = None
         # A report that cannot be read is published all the same: {} compares as a model without a score.
         return report if isinstance(report, dict) else {}
-
-    def conclude(self, run_dir: Path, report: Record, destination, push: bool, say: Callable[[str], None],
-                 merge_winner: Callable[[], Any]) -> str:
-        """After the search: a new model revision if the holdout objective improved (merge_winner() writes it
-        to RUN_DIR/merged first), else the state alone. Returns one line saying which, and why.
-        """
-        from mergekit_recycle.publish import publish
-
-        decision = decide(report, self.published_report() if push else None, push)
-        if decision.publish:
-            merge_winner()
-            staged = state_files(run_dir)  # what the model's commit holds: publish() journals the push after it
-            try:
-                info = self.commit(lambda parent: publish(run_dir, destination, say, parent_commit=parent,
-                                                          message=decision.title, note=decision.record), staged)
-            except PublishError:
-                # The next run publishes when it still beats the model; it must find this run's state.
-                with contextlib.suppress(HubStateError):
-                    self.save(run_dir, say, final=True, message=f"mergekit-recycle: search state, "
-                              f"{report['evaluations']} evaluations; publishing the model failed")
-                raise
-            outcome = f"published {info.commit_url}: {decision.summary}"
-        else:
-            Journal(run_dir / JOURNAL).append({"type": "kept", "repo": self.repo_id, **decision.record, "time": now()})
-            outcome = f"model unchanged on {self.repo_id}: {decision.summary}"
-        self.save(run_dir, say, message=f"mergekit-recycle: search state, {report['evaluations']} evaluations; "
-                  + ("published a new model" if decision.publish else "model unchanged: " + decision.summary),
-                  final=True)
-        return outcome
-
-
-@dataclass(frozen=True)
-class Decision:
-    publish: bool
-    summary: str  # why, in a few words
-    title: str  # the commit message of a new model revision
-    record: Record  # what the journal keeps of the decision
-
-
-def holdout_objective(report: Optional[Record]) -> Optional[float]:
-    """The optimized merge's holdout objective in a report (None when it was not scored, or not readable)."""
-    try:
-        row = next((r for r in (report or {}).get("rows", []) if r.get("kind") == "optimized"), None)
-        value = row["holdout"]["objective"] if row and row.get("holdout") else None
-    except (AttributeError, KeyError, TypeError):
-        return None
-    return float(value) if isinstance(value, (int, float)) else None
-
-
-def _same_tasks(mine: Record, theirs: Record) -> bool:
-    """The same tasks, metrics and weights (reports from before the fingerprint: the same task names)."""
-    if isinstance(theirs.get("fingerprint"), dict):
-        return theirs["fingerprint"].get("tasks") == mine["fingerprint"]["tasks"]
-    return theirs.get("tasks") == mine["tasks"]
-
-
-def decide(report: Record, published: Optional[Record], push: bool) -> Decision:
-    """Whether this run's winner should replace the published model: only a better holdout objective on
-    the same tasks does (a different winner that scores the same does not)."""
-    mine, theirs = holdout_objective(report), holdout_objective(published)
-    record = {"evaluations": report["evaluations"], "winner": report.get("winner", {}).get("from"),
-              "holdout": mine, "published_holdout": theirs}
-
-    def keep(why: str) -> Decision:
-        return Decision(False, why, "", {**record, "summary": why})
-
-    def replace(why: str, title: str) -> Decision:
-        return Decision(True, why, f"mergekit-recycle: {title} ({report['evaluations']} evaluations)",
-                        {**record, "summary": why})
-
-    if not push:
-        return keep("publishing is off (no --push, and no output.hub_repo)")
-    if mine is None:
-        return keep("no merge was scored on the holdout tasks")
-    if published is None:
-        return replace(f"first model, holdout objective {mine:.4f}", f"first model, holdout objective {mine:.4f}")
-    if theirs is None:
-        return replace(f"the published model's recycle/report.json gives no holdout objective; holdout objective "
-                       f"{mine:.4f}", f"replaces a model without a holdout score, holdout objective {mine:.4f}")
-    if not _same_tasks(report, published):
-        return replace(f"the published model was scored on other tasks; holdout objective {mine:.4f}",
-                       f"new tasks, holdout objective {mine:.4f}")
-    winner, earlier = report["winner"], published.get("winner") if isinstance(published.get("winner"), dict) else {}
-    if (winner["weights"], winner["scale"]) == (earlier.get("weights"), earlier.get("scale")):
-        return keep(f"the published model is this winner (holdout objective {mine:.4f})")
-    if mine > theirs:
-        change = f"holdout objective {theirs:.4f} → {mine:.4f} ({mine - theirs:+.4f})"
-        return replace(change, change)
-    return keep(f"holdout objective {mine:.4f} does not beat the published {theirs:.4f}")
 
 
 def _download(repo_id: str, filename: str, revision: str) -> Optional[bytes]:

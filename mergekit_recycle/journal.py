@@ -26,12 +26,13 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Iterator, List, Type, TypeVar
 
-from mergekit_recycle.errors import RecycleError, RunDirError
 from mergekit_recycle.config_files import write_atomically
+from mergekit_recycle.errors import RecycleError, RunDirError
+from mergekit_recycle.records import JournalRecord, Record, parse_record
 
-JOURNAL = "journal.jsonl"
+R = TypeVar("R", bound=JournalRecord)
 
 
 def now() -> str:
@@ -50,9 +51,9 @@ class Journal:
     def __init__(self, path: Path, repair: bool = True):
         self.path = path
         self.repair = repair
-        self.records: List[Dict[str, Any]] = list(self._read())
+        self.records: List[Record] = list(self._read())
 
-    def _read(self) -> Iterator[Dict[str, Any]]:
+    def _read(self) -> Iterator[Record]:
         if not self.path.exists():
             return
         data = self.path.read_bytes()
@@ -67,13 +68,19 @@ class Journal:
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                data = json.loads(line)
             except ValueError:
                 raise RunDirError(self.path.parent, f"{self.path.name} line {number} is not JSON; "
                                   "the journal was edited or damaged: restore it, or rerun with --restart") from None
+            try:
+                yield parse_record(data)
+            except ValueError as exc:
+                reason = " ".join(str(exc).split("\n")[:2])
+                raise RunDirError(self.path.parent, f"{self.path.name} line {number} is no journal record ({reason}); "
+                                  "the journal was edited or damaged: restore it, or rerun with --restart") from None
 
-    def append(self, record: Dict[str, Any]) -> None:
-        line = json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n"
+    def append(self, record: Record) -> Record:
+        line = dumps(record)
         # A full disk may leave part of this line: the next open cuts it off, as after a kill.
         with writing(self.path, self.path.parent):
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,18 +89,24 @@ class Journal:
                 handle.flush()
                 os.fsync(handle.fileno())
         self.records.append(record)
+        return record
 
-    def rewrite(self, records: List[Dict[str, Any]]) -> None:
+    def rewrite(self, records: List[Record]) -> None:
         """Replace the whole journal with `records`, atomically. Only for a run that has evaluated
         nothing (its run record is replaced when a fixed recipe takes it over): the journal of a run
         that has computed something is only ever appended to."""
         with writing(self.path, self.path.parent):
-            write_atomically(self.path, "".join(json.dumps(r, allow_nan=False, separators=(",", ":")) + "\n"
-                                                for r in records), durable=True)
+            write_atomically(self.path, "".join(dumps(r) for r in records), durable=True)
         self.records = list(records)
 
-    def of_type(self, kind: str) -> List[Dict[str, Any]]:
-        return [record for record in self.records if record.get("type") == kind]
+    def of_type(self, kind: Type[R]) -> List[R]:
+        """The records of one type, in journal order."""
+        return [record for record in self.records if isinstance(record, kind)]
+
+
+def dumps(record: Record) -> str:
+    """One journal line."""
+    return json.dumps(record.to_json(), allow_nan=False, separators=(",", ":")) + "\n"
 
 
 # What to do about a write that failed, by errno: the rest of the message is the same for all.

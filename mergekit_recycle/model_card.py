@@ -4,7 +4,8 @@ plots, the recipe, and how to rebuild the merge)."""
 
 from typing import Any, Dict, List, Optional
 
-from mergekit_recycle.pool import Checkpoint
+from mergekit_recycle.checkpoints import Checkpoint
+from mergekit_recycle.records import RunRecord
 from mergekit_recycle.report import BASELINE_KINDS, USED_WEIGHT, holdout_paragraphs, table
 
 TAGS = ["merge", "mergekit", "mergekit-recycle"]
@@ -16,12 +17,12 @@ def hub_repos(checkpoints: List[Checkpoint]) -> List[str]:
     return list(dict.fromkeys(c.repo for c in checkpoints if c.repo))
 
 
-def build_model_card(report: Dict[str, Any], run: Dict[str, Any], recipe_text: str, repo_id: str):
+def build_model_card(report: Dict[str, Any], run: RunRecord, recipe_text: str, repo_id: str):
     """A huggingface_hub ModelCard for the winner of a run (report.json and the journal's run record)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    checkpoints = [Checkpoint.model_validate(c) for c in run["checkpoints"]]
-    base = Checkpoint.model_validate(run["base"]) if run.get("base") else None
+    checkpoints = [Checkpoint.model_validate(c) for c in run.checkpoints]
+    base = Checkpoint.model_validate(run.base) if run.base else None
     merged = [c for c in checkpoints if report["winner"]["weights"][c.name] > 0]
     repos = hub_repos(merged + ([base] if base else []))
     model_name = repo_id.split("/")[-1]
@@ -31,7 +32,7 @@ def build_model_card(report: Dict[str, Any], run: Dict[str, Any], recipe_text: s
         results = [EvalResult(task_type="text-generation", dataset_type=task["holdout"],
                               dataset_name=f"{task['holdout']} (held out)", metric_type=task["metric"].split(",")[0],
                               metric_name=task["metric"], metric_value=round(optimized["holdout"][task["name"]], 4))
-                   for task in run["tasks"]]
+                   for task in run.tasks]
     data = ModelCardData(
         base_model=repos or None,
         base_model_relation="merge" if repos else None,
@@ -100,5 +101,3 @@ def _body(report: Dict[str, Any], checkpoints: List[Checkpoint], base: Optional[
     if local:
         lines += [f"Not on the Hub (local folders of the run, not reproducible elsewhere): {', '.join(local)}.", ""]
     return "\n".join(lines)
-
-

@@ -5,20 +5,12 @@ journal before it is used, so a run stopped at any point (Ctrl-C, SIGKILL, the t
 budget, too many failures) continues where it stopped when the same command is run again:
 baselines and proposals already in the journal are replayed, not evaluated again.
 
-RUN_DIR holds:
-  journal.jsonl          every evaluation, appended and fsync'ed (see journal.py)
-  proposals/NNNNNN.yaml  each proposal as a mergekit YAML, written before it is evaluated
-  recipe.yaml            the recipe as the latest session read it
-  search.json            CMA-ES's state after the latest generation (a check on the replay)
-  winner.yaml            the winner the selection chose (see selection.py), as a mergekit YAML
-  report.json, report.md, *.png   the report (see report.py)
-  merged/                the winner merged to disk by mergekit, with mergekit_config.yml
+What the run folder holds is listed in run_folder.py.
 """
 
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import json
 import math
@@ -28,22 +20,26 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from mergekit_recycle import constants
-from mergekit_recycle.baselines import baseline_merges
-from mergekit_recycle.candidate import SPLITS, CandidateEvaluator, Split
+from mergekit_recycle.baselines import first_baselines, greedy_soup
+from mergekit_recycle.candidate import SPLITS, CandidateEvaluator, OneAtATime, Outcome
+from mergekit_recycle.clock import Clock, OutOfTime
 from mergekit_recycle.config_files import write_atomically
-from mergekit_recycle.errors import (ConfigFileError, FinalMergeError, HubStateError, PoolError, RecycleError,
-                                     RunDirError, SearchAbortedError, one_line, shorten)
+from mergekit_recycle.errors import (FinalMergeError, HubStateError, RecycleError, RunDirError, SearchAbortedError, one_line)
 from mergekit_recycle.hub import PICKLE_FILE
-from mergekit_recycle.journal import JOURNAL, Journal, now, writing
+from mergekit_recycle.journal import Journal, now, writing
+from mergekit_recycle.ledger import Ledger
 from mergekit_recycle.mergekit_yaml import write_merge_config
 from mergekit_recycle.pool import Pool, resolve_pool
 from mergekit_recycle.proposal import Merge, SearchSpace
 from mergekit_recycle.recipe import Recipe
+from mergekit_recycle.records import (EvaluationRecord, FinishRecord, MergeFailedRecord, RunRecord, SearchRecord,
+                                      SelectionRecord, SessionRecord, Split, proposals_evaluated)
+from mergekit_recycle.run_folder import (JOURNAL, MERGED, MERGED_PARTIAL, PROPOSALS, RECIPE_COPY, SEARCH_STATE, WINNER,
+                                         check_run_dir, locked, read_search_state, set_aside)
 from mergekit_recycle.search import CMAES
 from mergekit_recycle.selection import Contender, Decision, choose
 
@@ -52,16 +48,8 @@ if TYPE_CHECKING:
 
 Record = Dict[str, Any]
 SAMPLE_BYTES = 2**20
-# The recipe as the latest session was given it: what `publish` cards and pushes.
-RECIPE_COPY = "recipe.yaml"
-# CMA-ES's state after the latest generation: what a replay of the journal must reach again.
-SEARCH_STATE = "search.json"
-# The winner as a mergekit YAML.
-WINNER = "winner.yaml"
 # The kinds of the selection's finalists (the others are baselines).
 FINALIST_KINDS = ("proposal", "greedy-step", "mean")
-# Writing the winner to disk reads its checkpoints and writes one; assume at least this rate.
-DISK_BYTES_PER_SECOND = 200 * 2**20
 # A disk that takes no more (full, read-only, over quota), as Python ([Errno 28]) and the Rust of
 # safetensors (os error 28) word it; other OS errors (a checkpoint gone) are not about writing.
 DISK_FULL = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
@@ -83,10 +71,14 @@ class RunOptions:
     batch_size: int = constants.DEFAULT_BATCH_SIZE
     started: Optional[float] = None  # time.monotonic() when the command started; None: when optimize() is called
     budget_is_increment: bool = False  # budget counts the evaluations to add to the run's, not the run's total
+    # Ray (ray_evaluator.py): used when either of the first two is given, never imported otherwise.
+    workers: Optional[int] = None  # Ray workers; None with ray_address: as many as the cluster has room for
+    ray_address: Optional[str] = None  # an existing cluster to join; None: a local Ray instance
+    cpus_per_worker: Optional[int] = None  # CPU threads of each worker; None: the CPUs shared out
 
-
-class OutOfTime(Exception):
-    """The time budget leaves no room for another evaluation."""
+    @property
+    def uses_ray(self) -> bool:
+        return self.workers is not None or self.ray_address is not None
 
 
 def fingerprint(recipe: Recipe, pool: Pool, absolute_paths: bool = False) -> Dict[str, str]:
@@ -145,55 +137,20 @@ def _with_seed(recipe: Recipe, seed: int) -> Recipe:
     return recipe.model_copy(update={"search": recipe.search.model_copy(update={"seed": seed})})
 
 
-@contextlib.contextmanager
-def locked(run_dir: Path, discard: bool = False) -> Iterator[None]:
-    """Hold RUN_DIR for this process: two runs appending to one journal would corrupt it.
+@dataclass(frozen=True)
+class Candidate:
+    """One merge to score on one split, and the name the journal gives it."""
 
-    With `discard`, a folder this call created is removed again when what runs inside fails before
-    anything was evaluated: a start refused on a typo leaves nothing for the fixed rerun to trip on.
-    """
-    try:
-        run_dir.mkdir(parents=True)
-        created = True
-    except FileExistsError:
-        created = False
-    except OSError as exc:
-        raise RunDirError(run_dir, f"cannot be created: {exc.strerror or exc}; choose another --run-dir "
-                          "(or output.run_dir)") from None
-    with open(run_dir / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunDirError(run_dir, "another mergekit-recycle optimize is running on this folder; "
-                              "wait for it, or give this run another --run-dir") from None
-        try:
-            yield
-        except BaseException:
-            if discard and created and not _holds_evaluations(run_dir):
-                shutil.rmtree(run_dir, ignore_errors=True)  # still locked: no other run can have begun in it
-            raise
-
-
-def _holds_evaluations(run_dir: Path) -> bool:
-    """Whether the run folder's journal records an evaluation; a journal that cannot be read counts as
-    holding some, so that a failed start never deletes what it cannot see."""
-    journal = run_dir / JOURNAL
-    try:
-        return journal.is_file() and bool(Journal(journal, repair=False).of_type("evaluation"))
-    except Exception:  # noqa: BLE001 - the user's original error is the one to report
-        return True
-
-
-def set_aside(run_dir: Path) -> Path:
-    """Move an earlier run out of the way (for --restart): nothing computed is deleted."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    target = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
-    os.replace(run_dir, target)
-    return target
+    merge: Merge
+    kind: str
+    name: str
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # a proposal's id, generation, coordinates
+    label: Optional[str] = None  # said with its score when it is scored now (not replayed)
 
 
 class Run:
-    """One search, applied to a run folder; each method is a stage of the plan."""
+    """One search, applied to a run folder: the loop over a ledger (the journal, indexed) and a clock (the time
+    budget). Each method of the second half is a stage of the plan."""
 
     def __init__(self, recipe: Recipe, source: Path, pool: Pool, options: RunOptions, journal: Journal,
                  evaluator: CandidateEvaluator, say: Callable[[str], None], progress: bool,
@@ -202,212 +159,274 @@ class Run:
         self.source = source
         self.pool = pool
         self.options = options
-        self.journal = journal
-        self.evaluator = evaluator
+        self.ledger = Ledger(journal)
+        # An evaluator written before batches (evaluate() only) evaluates them one merge at a time.
+        self.evaluator = evaluator if hasattr(evaluator, "evaluate_many") else OneAtATime(evaluator)
         self.say = _beside_bars(say) if progress and sys.stderr.isatty() else say
         self.progress = progress
         self.saved = saved  # called whenever the journal has grown by a stage or a generation
         self.saved_at = len(journal.records)
         self.recorded_state = read_search_state(options.run_dir)
-        self.started = options.started if options.started is not None else time.monotonic()
+        selection = recipe.selection
+        self.clock = Clock(
+            options.time_budget, options.started if options.started is not None else time.monotonic(),
+            {split: self.ledger.durations(split) for split in SPLITS},
+            bytes_to_write=pool.layout.nbytes * (len(pool.inputs) + 1),
+            # Every baseline and every finalist is scored on the held-back documents.
+            finishing=(len(pool.names) + 2 + selection.finalists + 1) if selection.enabled else 0,
+            holdback=selection.holdback)
         self.failures_in_a_row = 0
-        # Earlier sessions' timings, so that a resumed run plans its time budget from the start.
-        self.durations: Dict[str, List[float]] = {split: [] for split in SPLITS}
-        # Indexes of the journal, kept up to date by _append, so that no evaluation scans it.
-        self.by_name: Dict[tuple, Record] = {}  # (kind, name, split) -> its latest record
-        self.by_merge: Dict[tuple, Record] = {}  # (merge key, split) -> the first record that scored it
-        self.best = float("nan")  # the best search objective so far
-        for record in journal.of_type("evaluation"):
-            self._index(record)
-            if record["status"] == "ok" and record["reused"] is None:
-                self.durations[record["split"]].append(record["merge_seconds"] + record["eval_seconds"])
         search = recipe.search
         self.space = SearchSpace(pool.names, scale=search.scale if not search.scale_is_searched else 1.0,
                                  scale_range=search.scale if search.scale_is_searched else None)
-        self.proposals_dir = options.run_dir / "proposals"
+        self.proposals_dir = options.run_dir / PROPOSALS
         self.cma: Optional[CMAES] = None
         self.baseline_kinds: Dict[str, str] = {}  # name -> kind, once the baselines are scored
 
-    # -- evaluating, with the journal as cache ------------------------------------------------
+    # -- evaluating a batch, with the journal as cache ----------------------------------------
 
-    def _index(self, record: Record) -> None:
-        self.by_name[(record["kind"], record["name"], record["split"])] = record
-        if record["status"] == "ok":
-            self.by_merge.setdefault((tuple(record["key"]), record["split"]), record)
-            if record["split"] == "search" and not record["objective"] <= self.best:
-                self.best = record["objective"]
+    def evaluate(self, candidates: Sequence[Candidate], split: Split, timed: bool = True,
+                 arrived: Callable[[EvaluationRecord, bool], None] = lambda record, fresh: None,
+                 prepare: Callable[[List[Candidate]], None] = lambda candidates: None) -> List[EvaluationRecord]:
+        """The journal record of each candidate on `split`, in order.
 
-    def _append(self, record: Record) -> Record:
-        self.journal.append(record)
-        self._index(record)
-        return record
-
-    def _find(self, merge: Merge, split: Split) -> Optional[Record]:
-        return self.by_merge.get((merge.key, split))
-
-    def _estimate(self, split: Split) -> float:
-        recent = self.durations[split][-5:]
-        return sum(recent) / len(recent) if recent else 0.0
-
-    def _check_time(self, split: Split) -> None:
-        if self.options.time_budget is None:
-            return
-        # Leave room to score the winner on the holdout tasks and to write it to disk.
-        writing = self.pool.layout.nbytes * (len(self.pool.inputs) + 1) / DISK_BYTES_PER_SECOND
-        reserve = self._estimate("holdout") + writing + max(5.0, 0.02 * self.options.time_budget)
-        selection = self.recipe.selection
-        if selection.enabled:  # every baseline and every finalist is scored on the held-back documents
-            each = self._estimate("selection") or self._estimate("search") * selection.holdback / (1 - selection.holdback)
-            reserve += each * (len(self.pool.names) + 2 + selection.finalists + 1)
-        if time.monotonic() - self.started + self._estimate(split) + reserve > self.options.time_budget:
-            raise OutOfTime
-
-    def evaluate(self, merge: Merge, split: Split, kind: str, name: str, timed: bool = True, **extra: Any) -> Record:
-        """The journal record of `merge` on `split`: an earlier one when this merge was scored before.
-
-        A `timed` evaluation raises OutOfTime when the time budget has no room for it.
+        A candidate journaled already is replayed (a failed baseline is tried again: its cause may be fixed;
+        a failed proposal keeps its failure, the search's replay depends on it). A merge scored before under
+        another name is journaled as a reuse of that score. The others are evaluated as one batch, each
+        journaled as it arrives (a kill loses only what is in flight); a merge whose first copy in the batch
+        failed is evaluated again after it, as a run of one merge at a time would. `arrived` is told of each
+        record, and whether it is new (not replayed). A `timed` batch is cut to what the time budget has room
+        for, and OutOfTime raised after it. `prepare` is given the candidates about to be journaled.
         """
-        replayed = self.by_name.get((kind, name, split))
-        # Replayed from the journal; a failed baseline is tried again (the cause may be fixed),
-        # while a failed proposal keeps its failure: the search's replay depends on it.
-        if replayed is not None and (replayed["status"] == "ok" or kind == "proposal"):
-            return replayed
-        record = {"type": "evaluation", "split": split, "kind": kind, "name": name, **extra,
-                  "weights": merge.weights, "scale": merge.scale, "key": list(merge.key)}
-        earlier = self._find(merge, split)
-        if earlier is not None:
-            record.update(status="ok", scores=earlier["scores"], objective=earlier["objective"], error=None,
-                          merge_seconds=0.0, eval_seconds=0.0, reused=earlier["name"], time=now())
-            if "documents" in earlier:
-                record["documents"] = earlier["documents"]
-            return self._append(record)
-        if timed:
-            self._check_time(split)
-        record.update(self._score(merge, split), reused=None, time=now())
-        self._append(record)
-        self._count_failure(record)
-        return record
+        records: List[Optional[EvaluationRecord]] = [None] * len(candidates)
+        for index, candidate in enumerate(candidates):
+            replayed = self.ledger.named(candidate.kind, candidate.name, split)
+            if replayed is not None and (replayed.ok or candidate.kind == "proposal"):
+                records[index] = replayed
+                arrived(replayed, False)
+        end = len(candidates)  # the batch ends here: before the first candidate the time budget had no room for
+        while True:
+            new, first = [], set()
+            for index in range(end):
+                key = candidates[index].merge.key
+                if records[index] is None and key not in first and self.ledger.scored(candidates[index].merge, split) is None:
+                    first.add(key)
+                    new.append(index)
+            if not new:
+                break
+            cut = self._evaluate_new(candidates, new, split, timed, records, arrived, prepare)
+            if cut is not None:
+                end = cut
+                break
+        reused = []
+        for index in range(end):
+            if records[index] is None:
+                if self.ledger.scored(candidates[index].merge, split) is None:
+                    end = index  # a copy of a merge that failed, left for after the cut
+                    break
+                reused.append(index)
+        prepare([candidates[index] for index in reused])
+        for index in reused:
+            candidate = candidates[index]
+            records[index] = record = self.ledger.append(self._reuse(candidate, split, self.ledger.scored(candidate.merge, split)))
+            if candidate.label:
+                self.say(f"{candidate.label}: {split} objective {record.objective:.4f}")
+            arrived(record, True)
+        if end < len(candidates):
+            raise OutOfTime
+        return records
 
-    def _evaluate_saying(self, label: Optional[str], merge: Merge, split: Split, kind: str, name: str,
-                         **extra: Any) -> Record:
-        """evaluate(), saying `label`'s score when it was scored now rather than replayed from the journal."""
-        known = len(self.journal.records)
-        record = self.evaluate(merge, split, kind, name, **extra)
-        if label and len(self.journal.records) > known and record["status"] == "ok":
-            self.say(f"{label}: {split} objective {record['objective']:.4f}")
-        return record
+    def _evaluate_new(self, candidates: Sequence[Candidate], new: List[int], split: Split, timed: bool,
+                      records: List[Optional[EvaluationRecord]], arrived: Callable[[EvaluationRecord, bool], None],
+                      prepare: Callable[[List[Candidate]], None]) -> Optional[int]:
+        """Evaluate candidates[i] for i in `new` into `records`, journaling each as it arrives and counting
+        failures in a row in candidate order. The index of the first one the time budget has no room for, or None.
 
-    def _score(self, merge: Merge, split: Split) -> Record:
-        started = time.perf_counter()
-        try:
-            evaluation = self.evaluator.evaluate(merge, split)
-        except (ConfigFileError, PoolError, KeyboardInterrupt):
-            raise  # a wrong recipe or a bad checkpoint fails every candidate alike: stop at once
-        except Exception as exc:  # noqa: BLE001 - a failed candidate must not end the search
-            error = one_line(f"{type(exc).__name__}: {exc}")
-            return {"status": "failed", "scores": None, "objective": None, "error": error,
-                    "merge_seconds": None, "eval_seconds": round(time.perf_counter() - started, 4)}
-        self.durations[split].append(evaluation.merge_seconds + evaluation.eval_seconds)
-        values = list(evaluation.scores.values()) + [evaluation.objective]
-        if not all(math.isfinite(value) for value in values):
-            return {"status": "failed", "scores": None, "objective": None, "error": f"scored NaN: {evaluation.scores}",
-                    "merge_seconds": round(evaluation.merge_seconds, 4), "eval_seconds": round(evaluation.eval_seconds, 4)}
-        record = {"status": "ok", "scores": evaluation.scores, "objective": evaluation.objective, "error": None,
-                  "merge_seconds": round(evaluation.merge_seconds, 4), "eval_seconds": round(evaluation.eval_seconds, 4)}
+        Under a time budget the clock is asked before each round of as many candidates as there are workers;
+        without one the whole batch goes out at once."""
+        done, counted = 0, 0
+        while done < len(new):
+            workers = self._workers()
+            try:
+                fit = self.clock.fitting(split, len(new) - done, workers) if timed else len(new) - done
+            except OutOfTime:
+                return new[done]
+            if timed and self.options.time_budget is not None:
+                fit = min(fit, workers)
+            chunk = new[done:done + fit]
+            prepare([candidates[index] for index in chunk])
+            for position, outcome in self.evaluator.evaluate_many([candidates[index].merge for index in chunk], split):
+                index = chunk[position]
+                records[index] = record = self.ledger.append(self._record(candidates[index], split, outcome))
+                if record.ok:
+                    self.clock.record(split, record.merge_seconds + record.eval_seconds)
+                    if candidates[index].label:
+                        self.say(f"{candidates[index].label}: {split} objective {record.objective:.4f}")
+                arrived(record, True)
+                while counted < done + len(chunk) and records[new[counted]] is not None:
+                    self._count_failure(records[new[counted]])  # stops the run at the limit, the batch left in flight
+                    counted += 1
+            done += len(chunk)
+        return None
+
+    def _workers(self) -> int:
+        """How many workers evaluate a batch at once now (Ray workers may be lost during a run)."""
+        return max(1, getattr(self.evaluator, "alive", 1))
+
+    def evaluate_one(self, candidate: Candidate, split: Split, timed: bool = True) -> EvaluationRecord:
+        return self.evaluate([candidate], split, timed)[0]
+
+    def _record(self, candidate: Candidate, split: Split, outcome: Outcome) -> EvaluationRecord:
+        """The journal record of a candidate just evaluated."""
+        evaluation = outcome.evaluation
+        fields = dict(type="evaluation", split=split, kind=candidate.kind, name=candidate.name, **candidate.extra,
+                      weights=candidate.merge.weights, scale=candidate.merge.scale, key=candidate.merge.key,
+                      reused=None, worker=outcome.worker)
+        if outcome.error is not None:
+            timing = ({"merge_seconds": round(evaluation.merge_seconds, 4), "eval_seconds": round(evaluation.eval_seconds, 4)}
+                      if evaluation is not None else {"merge_seconds": None, "eval_seconds": round(outcome.seconds, 4)})
+            return EvaluationRecord(**fields, status="failed", scores=None, objective=None, error=outcome.error,
+                                    **timing, time=now())
+        documents = None
         if evaluation.documents is not None:  # compact: 0/1 accuracies as integers
-            record["documents"] = {task: [int(v) if v.is_integer() else round(v, 6) for v in values]
-                                   for task, values in evaluation.documents.items()}
-        return record
+            documents = {task: [int(v) if v.is_integer() else round(v, 6) for v in values]
+                         for task, values in evaluation.documents.items()}
+        return EvaluationRecord(**fields, status="ok", scores=evaluation.scores, objective=evaluation.objective,
+                                error=None, merge_seconds=round(evaluation.merge_seconds, 4),
+                                eval_seconds=round(evaluation.eval_seconds, 4), documents=documents, time=now())
 
-    def _count_failure(self, record: Record) -> None:
-        if record["status"] == "ok":
+    def _reuse(self, candidate: Candidate, split: Split, earlier: EvaluationRecord) -> EvaluationRecord:
+        """The record of a candidate whose merge `earlier` scored: its scores, at no cost."""
+        return EvaluationRecord(type="evaluation", split=split, kind=candidate.kind, name=candidate.name,
+                                **candidate.extra, weights=candidate.merge.weights, scale=candidate.merge.scale,
+                                key=candidate.merge.key, status=earlier.status, scores=earlier.scores,
+                                objective=earlier.objective, error=earlier.error, merge_seconds=0.0,
+                                eval_seconds=0.0, reused=earlier.name, time=now(), documents=earlier.documents)
+
+    def _count_failure(self, record: EvaluationRecord) -> None:
+        if record.ok:
             self.failures_in_a_row = 0
             return
-        self.say(f"{record['name']} failed: {record['error']}")
+        self.say(f"{record.name} failed: {record.error}")
         self.failures_in_a_row += 1
         if self.failures_in_a_row >= constants.MAX_CONSECUTIVE_FAILURES:
-            raise SearchAbortedError(self.options.run_dir, self.failures_in_a_row, record["error"])
+            raise SearchAbortedError(self.options.run_dir, self.failures_in_a_row, record.error)
 
     # -- the stages -------------------------------------------------------------------------
 
     def baselines(self) -> Dict[str, Merge]:
-        """Score every baseline on the search tasks, then on the holdout tasks (outside the budget)."""
-        count = len(self.pool.names)
+        """Score every baseline on the search tasks, then on the holdout tasks (outside the budget): the single
+        checkpoints and the uniform soup as one batch, then the greedy soup's steps one after the other."""
+        names = self.pool.names
+        first = [Candidate(merge, kind, name, label=f"baseline {name}") for kind, name, merge in first_baselines(names)]
         # Each checkpoint, the uniform soup, at most count - 1 greedy steps and the greedy soup.
-        with self._progress("baselines, search tasks", 2 * count + 1) as bar:
+        with self._progress("baselines, search tasks", 2 * len(names) + 1) as bar:
+            records = self.evaluate(first, "search", arrived=lambda record, fresh: bar(1))
+            objectives = {candidate.name: record.objective for candidate, record in zip(first, records)
+                          if candidate.kind == "checkpoint" and record.ok}
 
-            def search_objective(merge: Merge, kind: str, name: str) -> Optional[float]:
-                # A greedy step is said by greedy_soup, with whether it was kept.
-                record = self._evaluate_saying(f"baseline {name}" if kind != "greedy-step" else None,
-                                               merge, "search", kind, name)
+            def greedy_step(merge: Merge, kind: str, name: str) -> Optional[float]:
+                # Said by greedy_soup, with whether it was kept.
+                record = self.evaluate_one(Candidate(merge, kind, name), "search")
                 bar(1)
-                return record["objective"]
+                return record.objective
 
-            merges = baseline_merges(self.pool.names, search_objective, self.say)
-            self.evaluate(merges["greedy soup"][1], "search", "greedy", "greedy soup")
+            greedy = greedy_soup(names, objectives, greedy_step, self.say)
+            self.evaluate_one(Candidate(greedy, "greedy", "greedy soup"), "search")
             bar(1)
+        merges = {candidate.name: (candidate.kind, candidate.merge) for candidate in first}
+        merges["greedy soup"] = ("greedy", greedy)
         with self._progress("baselines, holdout tasks", len(merges)) as bar:
-            for name, (kind, merge) in merges.items():
-                self._evaluate_saying(f"baseline {name}", merge, "holdout", kind, name)
-                bar(1)
+            self.evaluate([Candidate(merge, kind, name, label=f"baseline {name}") for name, (kind, merge) in merges.items()],
+                          "holdout", arrived=lambda record, fresh: bar(1))
         self.save()
         self.baseline_kinds = {name: kind for name, (kind, merge) in merges.items()}
         return {name: merge for name, (kind, merge) in merges.items()}
 
     def search(self, baselines: Dict[str, Merge]) -> None:
-        """CMA-ES until the budget is spent: from the best baseline, with the soups injected."""
+        """CMA-ES, a generation at a time, until the budget is spent: from the best baseline, with the soups injected.
+
+        Each generation: ask; sort the points into replayed (journaled), reused (merges scored before) and new
+        ones; cut the batch to the budget and the time budget; evaluate it, journaling each result as it
+        arrives; tell, in proposal order.
+        """
         start = self._search_start(baselines)
-        cma = CMAES(start["x0"], self.recipe.search.sigma0, seed=self.options.seed,
-                    population=self.recipe.search.population, inject=start["inject"])
+        cma = CMAES(start.x0, self.recipe.search.sigma0, seed=self.options.seed,
+                    population=self.recipe.search.population, inject=start.inject)
         self.cma = cma  # where the search stands: its mean is a finalist of the selection
-        failed_fitness = start["failed_fitness"]
-        recorded = {record["id"]: record for record in self.journal.of_type("evaluation") if record["kind"] == "proposal"}
-        evaluations = self._evaluations()
+        evaluations = self.ledger.evaluations()
+        if evaluations < self.options.budget and hasattr(self.evaluator, "note_population"):
+            self.evaluator.note_population(cma.population_size)
         # No bar when the budget is spent already: tqdm would show a count past its total as "200/None".
         bar = self._progress_bar(evaluations) if evaluations < self.options.budget else None
         next_id = 0
         try:
             # Every journaled generation is replayed, even with no budget left: the selection starts from
             # the state the search ended in (its mean is a finalist), whichever session asks.
-            while evaluations < self.options.budget or next_id in recorded:
-                points, fitnesses = cma.ask(), []
-                for point in points:
-                    proposal_id, next_id = next_id, next_id + 1
-                    record = recorded.get(proposal_id)
-                    if record is not None and not _close(record["coordinates"], point):
-                        raise RunDirError(self.options.run_dir, f"{JOURNAL}: proposal {proposal_id} does not match what "
-                                          "this search proposes; the journal comes from another version or was edited: "
-                                          "rerun with --restart")
-                    if record is None:
-                        if evaluations >= self.options.budget:
-                            return
-                        record = self._propose(point, proposal_id, cma.generation)
-                        if record["reused"] is None:
-                            evaluations += 1
-                            if bar:
-                                bar.set_postfix_str(f"best {self.best:.4f}", refresh=False)
-                                bar.update(1)
-                    fitnesses.append(-record["objective"] if record["status"] == "ok" else failed_fitness)
-                cma.tell(points, fitnesses)
+            while evaluations < self.options.budget or self.ledger.proposal(next_id) is not None:
+                points = cma.ask()
+                candidates = [self._proposal(point, next_id + offset, cma.generation) for offset, point in enumerate(points)]
+                next_id += len(points)
+                candidates = self._within_budget(candidates, self.options.budget - evaluations)
+
+                def arrived(record: EvaluationRecord, fresh: bool) -> None:
+                    if fresh and record.reused is None and bar:
+                        busy = getattr(self.evaluator, "busy", None)
+                        bar.set_postfix_str(f"best {self.ledger.best:.4f}" + (
+                            f", {busy}/{self._workers()} workers busy" if busy is not None else ""), refresh=False)
+                        bar.update(1)
+
+                records = self.evaluate(candidates, "search", arrived=arrived, prepare=self._write_proposals)
+                evaluations = self.ledger.evaluations()
+                if len(records) < len(points):
+                    return  # the budget ends inside this generation
+                cma.tell(points, [-r.objective if r.ok else start.failed_fitness for r in records])
                 self._check_replay(cma)
                 self.save(cma)
         finally:
             if bar:
                 bar.close()
 
+    def _proposal(self, point: List[float], proposal_id: int, generation: int) -> Candidate:
+        """A point CMA-ES asked for, as a candidate; checked against the journal when it was evaluated before."""
+        recorded = self.ledger.proposal(proposal_id)
+        if recorded is not None and not _close(recorded.coordinates, point):
+            raise RunDirError(self.options.run_dir, f"{JOURNAL}: proposal {proposal_id} does not match what this search "
+                              "proposes; the journal comes from another version or was edited: rerun with --restart")
+        return Candidate(self.space.merge(point), "proposal", f"proposal {proposal_id:06d}",
+                         extra={"id": proposal_id, "generation": generation, "coordinates": point})
+
+    def _within_budget(self, candidates: List[Candidate], left: int) -> List[Candidate]:
+        """The proposals up to (not including) the first new evaluation the budget has no room for."""
+        batch = set()
+        for index, candidate in enumerate(candidates):
+            if self.ledger.proposal(candidate.extra["id"]) is None and self.ledger.scored(candidate.merge, "search") is None \
+                    and candidate.merge.key not in batch:
+                if left <= 0:
+                    return candidates[:index]
+                left -= 1
+                batch.add(candidate.merge.key)
+        return candidates
+
+    def _write_proposals(self, candidates: List[Candidate]) -> None:
+        """Each proposal as a mergekit YAML, written before it is evaluated."""
+        for candidate in candidates:
+            path = self.proposals_dir / f"{candidate.extra['id']:06d}.yaml"
+            with writing(path, self.options.run_dir):
+                write_merge_config(path, candidate.merge, self.pool, self.recipe.merge.dtype,
+                                   f"{candidate.name} (generation {candidate.extra['generation']}) of {self.recipe.name}")
+
     def save(self, cma: Optional[CMAES] = None, final: bool = False) -> None:
         """After a stage or a generation that added to the journal: write search.json, then call `saved`."""
-        if len(self.journal.records) == self.saved_at and not final:
+        if len(self.ledger.records) == self.saved_at and not final:
             return  # replayed: nothing new
         if cma is not None:
             with writing(self.options.run_dir / SEARCH_STATE, self.options.run_dir):
                 write_atomically(self.options.run_dir / SEARCH_STATE, json.dumps(
-                    {**cma.state(), "evaluations": self._evaluations(), "records": len(self.journal.records)}, indent=1))
-        self.saved_at = len(self.journal.records)
+                    {**cma.state(), "evaluations": self.ledger.evaluations(), "records": len(self.ledger.records)},
+                    indent=1))
+        self.saved_at = len(self.ledger.records)
         self.saved(final=final)
-
-    def _evaluations(self) -> int:
-        return proposals_evaluated(self.journal.records)
 
     def _check_replay(self, cma: CMAES) -> None:
         """A replay that reaches the generation search.json recorded must reach its state too: CMA-ES
@@ -423,41 +442,29 @@ class Run:
                               f"{recorded['sigma']:.6g}); the run was searched with cma {recorded['cma']}, this is cma "
                               f"{state['cma']}: install cma=={recorded['cma']}, or rerun with --restart")
 
-    def _search_start(self, baselines: Dict[str, Merge]) -> Record:
+    def _search_start(self, baselines: Dict[str, Merge]) -> SearchRecord:
         """Where CMA-ES starts and what it is shown first, journaled once: a resumed run replays
         the search from the same start even if a baseline that had failed scores now."""
-        recorded = self.journal.of_type("search")
+        recorded = self.ledger.journal.of_type(SearchRecord)
         if recorded:
             return recorded[0]
-        objectives = {name: record["objective"] for name, merge in baselines.items()
-                      if (record := self._find(merge, "search")) is not None}
+        objectives = {name: record.objective for name, merge in baselines.items()
+                      if (record := self.ledger.scored(merge, "search")) is not None}
         singles = [name for name in self.pool.names if name in objectives]
         # The search starts from the best of these and is shown the others (pycma's inject).
         seeds = ([max(singles, key=objectives.get)] if singles else []) + [
             name for name in ("uniform soup", "greedy soup") if name in objectives]
         start = max(seeds, key=objectives.get) if seeds else "uniform soup"
         injected = [name for name in seeds if name != start and baselines[name] != baselines[start]]
-        record = {"type": "search", "start": start, "injected": injected,
-                  "x0": self._start_point(baselines[start]),
-                  "inject": [self._start_point(baselines[name]) for name in injected],
-                  # Below every real candidate: the objective of a failed one counts as the worst baseline's minus 1.
-                  "failed_fitness": 1.0 - min(objectives.values(), default=0.0)}
-        self.journal.append(record)
-        return record
+        return self.ledger.append(SearchRecord(
+            start=start, injected=injected, x0=self._start_point(baselines[start]),
+            inject=[self._start_point(baselines[name]) for name in injected],
+            # Below every real candidate: the objective of a failed one counts as the worst baseline's minus 1.
+            failed_fitness=1.0 - min(objectives.values(), default=0.0)))
 
     def _start_point(self, baseline: Merge) -> List[float]:
         """A baseline's coordinates, at the scale the search starts from (baselines have scale 1)."""
         return self.space.coordinates(baseline.model_copy(update={"scale": self.space.start_scale()}))
-
-    def _propose(self, point: List[float], proposal_id: int, generation: int) -> Record:
-        merge = self.space.merge(point)
-        name = f"{proposal_id:06d}"
-        path = self.proposals_dir / f"{name}.yaml"
-        with writing(path, self.options.run_dir):
-            write_merge_config(path, merge, self.pool, self.recipe.merge.dtype,
-                               f"proposal {name} (generation {generation}) of {self.recipe.name}")
-        return self.evaluate(merge, "search", "proposal", f"proposal {name}", id=proposal_id, generation=generation,
-                             coordinates=point)
 
     def _progress_bar(self, done: int, desc: str = "search", total: Optional[int] = None):
         """A tqdm bar on stderr (None without progress): the search's, or a stage's of `total` evaluations."""
@@ -486,19 +493,19 @@ class Run:
             if bar:
                 bar.close()
 
-    def select(self, baselines: Dict[str, Merge]) -> Optional[Record]:
+    def select(self, baselines: Dict[str, Merge]) -> Optional[SelectionRecord]:
         """Choose the winner (see selection.py) and journal the decision; None when nothing was scored."""
         from mergekit_recycle.report import winner_record
 
         settings = self.recipe.selection
         if not settings.enabled or not baselines:
-            best = winner_record(self.journal.records)
+            best = winner_record(self.ledger.records)
             if best is None:
                 return None
             why = ("the time budget ran out during the baselines: the best merge on the search tasks wins" if settings.enabled
                    else "holdback 0: the best merge on the search tasks wins, with no held-back check")
-            decision = Decision(best["name"], best["kind"], best["name"], None, None, None, None, why)
-            return self._decided(decision, Merge(weights=best["weights"], scale=best["scale"]))
+            decision = Decision(best.name, best.kind, best.name, None, None, None, None, why)
+            return self._decided(decision, Merge(weights=best.weights, scale=best.scale))
         contenders = self._contenders(baselines)
         if not contenders:
             return None
@@ -511,63 +518,63 @@ class Run:
     def _finalists(self, baselines: Dict[str, Merge]) -> Dict[str, tuple]:
         """name -> (kind, merge): the best distinct merges by search objective (proposals, and the greedy soup's
         intermediate soups, so that the merge the search alone would pick is always among them), and the CMA-ES mean."""
-        scored = [r for r in self.journal.of_type("evaluation") if r["kind"] in ("proposal", "greedy-step")
-                  and r["split"] == "search" and r["status"] == "ok"]
-        order = sorted(range(len(scored)), key=lambda i: (-scored[i]["objective"], i))  # of equals, the earliest
+        scored = [r for r in self.ledger.journal.of_type(EvaluationRecord) if r.kind in ("proposal", "greedy-step")
+                  and r.split == "search" and r.ok]
+        # Of equals, the earliest as a serial run journals them: the greedy soup's steps, then proposals by id
+        # (a batch on Ray journals its results in the order they arrive).
+        order = sorted(range(len(scored)), key=lambda i: (-scored[i].objective, scored[i].kind == "proposal",
+                                                          scored[i].id if scored[i].kind == "proposal" else i))
         seen = {merge.key for merge in baselines.values()}  # a baseline is a contender already
         finalists: Dict[str, tuple] = {}
         for record in (scored[i] for i in order):
             if len(finalists) == self.recipe.selection.finalists:
                 break
-            if tuple(record["key"]) not in seen:
-                seen.add(tuple(record["key"]))
-                finalists[record["name"]] = (record["kind"], Merge(weights=record["weights"], scale=record["scale"]))
+            if tuple(record.key) not in seen:
+                seen.add(tuple(record.key))
+                finalists[record.name] = (record.kind, Merge(weights=record.weights, scale=record.scale))
         if self.cma is not None:
             mean = self.space.merge(self.cma.mean)
             if mean.key not in seen:
                 # Named by the evaluations it follows: a run continued with a larger budget has another mean.
-                name = f"CMA-ES mean @{self._evaluations()}"
-                self.evaluate(mean, "search", "mean", name, timed=False)  # for the report: it never chooses
+                name = f"CMA-ES mean @{self.ledger.evaluations()}"
+                self.evaluate_one(Candidate(mean, "mean", name), "search", timed=False)  # for the report: it never chooses
                 finalists[name] = ("mean", mean)
         return finalists
 
     def _contenders(self, baselines: Dict[str, Merge]) -> Dict[str, tuple]:
-        """name -> (Contender, Merge): every baseline and every finalist, scored on the held-back documents."""
+        """name -> (Contender, Merge): every baseline and every finalist, scored on the held-back documents as one batch."""
         entries = [(name, self.baseline_kinds[name], merge) for name, merge in baselines.items()]
         entries += [(name, kind, merge) for name, (kind, merge) in self._finalists(baselines).items()]
-        contenders: Dict[str, tuple] = {}
         with self._progress("selection, held-back documents", len(entries)) as bar:
-            for name, kind, merge in entries:
-                searched = self._find(merge, "search")
-                record = self.evaluate(merge, "selection", "finalist" if kind in FINALIST_KINDS else kind, name,
-                                       timed=False)
-                bar(1)
-                if record["status"] != "ok" or searched is None:
-                    continue  # a merge that failed to score cannot win
-                contenders[name] = (Contender(name, kind, searched["objective"], record["objective"],
-                                              record.get("documents")), merge)
+            records = self.evaluate([Candidate(merge, "finalist" if kind in FINALIST_KINDS else kind, name)
+                                     for name, kind, merge in entries], "selection", timed=False,
+                                    arrived=lambda record, fresh: bar(1))
+        contenders: Dict[str, tuple] = {}
+        for (name, kind, merge), record in zip(entries, records):
+            searched = self.ledger.scored(merge, "search")
+            if record.ok and searched is not None:  # a merge that failed to score cannot win
+                contenders[name] = (Contender(name, kind, searched.objective, record.objective, record.documents), merge)
         return contenders
 
-    def _decided(self, decision: Decision, merge: Merge, finalists: Sequence[str] = ()) -> Record:
+    def _decided(self, decision: Decision, merge: Merge, finalists: Sequence[str] = ()) -> SelectionRecord:
         """Journal the decision: every session that finishes records the one its report shows."""
-        record = {"type": "selection", "time": now(), "evaluations": self._evaluations(), **decision.record(),
-                  "finalists": list(finalists), "holdback": self.recipe.selection.holdback,
-                  "confidence": self.recipe.selection.confidence,
-                  "weights": merge.weights, "scale": merge.scale, "key": list(merge.key)}
-        self.journal.append(record)
-        return record
+        return self.ledger.append(SelectionRecord(
+            time=now(), evaluations=self.ledger.evaluations(), **decision.record(), finalists=list(finalists),
+            holdback=self.recipe.selection.holdback, confidence=self.recipe.selection.confidence,
+            weights=merge.weights, scale=merge.scale, key=merge.key))
 
     def finish(self, baselines: Dict[str, Merge]) -> Optional[Merge]:
         """Choose the winner, score it on the holdout tasks and write it as a mergekit YAML; None if nothing scored."""
         selected = self.select(baselines)
         if selected is None:
             return None
-        merge = Merge(weights=selected["weights"], scale=selected["scale"])
+        merge = Merge(weights=selected.weights, scale=selected.scale)
         # Untimed: the time budget reserved room for it.
-        self._evaluate_saying(f"winner {selected['winner']}", merge, "holdout", "optimized", selected["winner"], timed=False)
+        self.evaluate_one(Candidate(merge, "optimized", selected.winner, label=f"winner {selected.winner}"), "holdout",
+                          timed=False)
         with writing(self.options.run_dir / WINNER, self.options.run_dir):
             write_merge_config(self.options.run_dir / WINNER, merge, self.pool, self.recipe.merge.dtype,
-                               f"the winner of {self.recipe.name}: {selected['winner']} ({selected['reason']})")
+                               f"the winner of {self.recipe.name}: {selected.winner} ({selected.reason})")
         return merge
 
 
@@ -580,22 +587,6 @@ def _beside_bars(say: Callable[[str], None]) -> Callable[[str], None]:
             say(line)
 
     return said
-
-
-def proposals_evaluated(records: List[Record]) -> int:
-    """Proposals the search evaluated (not reused): what --budget counts."""
-    return len({r["id"] for r in records if r.get("type") == "evaluation" and r["kind"] == "proposal" and r["reused"] is None})
-
-
-def read_search_state(run_dir: Path) -> Optional[Record]:
-    """search.json: CMA-ES's state after the last generation journaled (None before the first)."""
-    path = run_dir / SEARCH_STATE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        raise RunDirError(run_dir, f"{SEARCH_STATE} is not JSON: delete it (the journal alone resumes the run)") from None
 
 
 def _close(a: List[float], b: List[float]) -> bool:
@@ -611,18 +602,18 @@ def open_journal(recipe: Recipe, pool: Pool, options: RunOptions, recipe_seed: O
     journal from before runs recorded their seed can still tell a seed that differs from the run's.
     """
     journal = Journal(options.run_dir / JOURNAL)
-    runs = journal.of_type("run")
+    runs = journal.of_type(RunRecord)
     if runs:
-        prints = fingerprint(recipe, pool, absolute_paths=runs[0].get("version") == 1)
-        earlier = runs[0].get("fingerprint") or {}
+        prints = fingerprint(recipe, pool, absolute_paths=runs[0].version == 1)
+        earlier = runs[0].fingerprint
         # Runs from before winner selection chose by the search objective alone: `holdback: 0` continues them.
         legacy = "selection" not in earlier and not recipe.selection.enabled
         changed = [part for part in prints if prints[part] != earlier.get(part) and not (part == "selection" and legacy)]
-        if changed and not journal.of_type("evaluation"):
+        if changed and not journal.of_type(EvaluationRecord):
             # Nothing was computed (a start that stopped on a typo, Ctrl-C, a killed first load): the fixed
             # recipe takes the run over. The sessions stay as the history of what was asked; the run record
             # is written afresh by start_session, and the other records (a finish) belonged to the old run.
-            journal.rewrite(journal.of_type("session"))
+            journal.rewrite(journal.of_type(SessionRecord))
             with contextlib.suppress(FileNotFoundError):
                 (options.run_dir / SEARCH_STATE).unlink()
             say(f"{options.run_dir}: its earlier start evaluated nothing; this recipe ({', '.join(changed)} changed) "
@@ -646,13 +637,13 @@ def open_journal(recipe: Recipe, pool: Pool, options: RunOptions, recipe_seed: O
     return journal
 
 
-def _seed_of_run(run: Record, recipe: Recipe, seeds: Sequence[int]) -> Optional[int]:
+def _seed_of_run(run: RunRecord, recipe: Recipe, seeds: Sequence[int]) -> Optional[int]:
     """The seed `run` searched with, when the seed is all that tells its search settings from `recipe`'s.
 
     Runs record their seed; for an older run, each of `seeds` is tried against its fingerprint.
     """
-    earlier = (run.get("fingerprint") or {}).get("search")
-    for seed in ([run["seed"]] if "seed" in run else seeds):
+    earlier = run.fingerprint.get("search")
+    for seed in ([run.seed] if run.seed is not None else seeds):
         if seed != recipe.search.seed and _digest(_search_settings(_with_seed(recipe, seed))) == earlier:
             return seed
     return None
@@ -671,20 +662,19 @@ def run_identity(recipe: Recipe, pool: Pool) -> Record:
 
 def start_session(journal: Journal, recipe: Recipe, pool: Pool, options: RunOptions, recipe_text: str) -> None:
     """Journal what this run is (once, when it first gets going) and what this session was asked."""
-    if not journal.of_type("run"):
-        run = {
-            "type": "run", "version": 2, "recipe": recipe.name, "fingerprint": fingerprint(recipe, pool),
-            "started": now(), "seed": recipe.search.seed, **run_identity(recipe, pool),
-            "tasks": [{"name": t.name, "search": t.search, "holdout": t.holdout, "metric": t.metric, "weight": t.weight}
-                      for t in recipe.tasks],
-        }
+    if not journal.of_type(RunRecord):
+        run = RunRecord(
+            version=2, recipe=recipe.name, fingerprint=fingerprint(recipe, pool), started=now(),
+            seed=recipe.search.seed, **run_identity(recipe, pool),
+            tasks=[{"name": t.name, "search": t.search, "holdout": t.holdout, "metric": t.metric, "weight": t.weight}
+                   for t in recipe.tasks])
         # The run record comes first; a run taken over by a fixed recipe keeps its earlier sessions after it.
         if journal.records:
             journal.rewrite([run, *journal.records])
         else:
             journal.append(run)
-    journal.append({"type": "session", "started": now(), "budget": options.budget, "seed": options.seed,
-                    "time_budget": options.time_budget, "device": options.device})
+    journal.append(SessionRecord(started=now(), budget=options.budget, seed=options.seed,
+                                 time_budget=options.time_budget, device=options.device, workers=options.workers))
     with writing(options.run_dir / RECIPE_COPY, options.run_dir):
         write_atomically(options.run_dir / RECIPE_COPY, recipe_text)
 
@@ -696,34 +686,10 @@ def earlier_pins(options: RunOptions, hub_state: Optional["HubState"] = None) ->
     path = options.run_dir / JOURNAL
     if options.restart:
         return {}
-    runs = Journal(path, repair=False).of_type("run") if os.path.isfile(path) else []
+    runs = Journal(path, repair=False).of_type(RunRecord) if os.path.isfile(path) else []
     if not runs and hub_state is not None:
-        runs = [record for record in hub_state.records if record.get("type") == "run"]
+        runs = [record for record in hub_state.records if isinstance(record, RunRecord)]
     return pins_from_run(runs[0] if runs else None)
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """Refuse a run folder that cannot be one, naming the part of its path at fault: a file where a folder
-    must be, a name longer than the file system allows. Checked before anything is read or written."""
-    ancestor = run_dir
-    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    what = "a link to nothing" if ancestor.is_symlink() and not ancestor.exists() else "a file"
-    if ancestor == run_dir and not run_dir.is_dir():
-        raise RunDirError(run_dir, f"is {what}, not a run folder: choose another --run-dir (or output.run_dir)")
-    if not ancestor.is_dir():
-        raise RunDirError(run_dir, f"cannot be created: {ancestor} is {what}, not a folder; choose another "
-                          "--run-dir (or output.run_dir)")
-    try:
-        limit = os.pathconf(ancestor, "PC_NAME_MAX")
-    except OSError as exc:
-        raise RunDirError(run_dir, f"cannot be used: {ancestor}: {exc.strerror or exc}; choose another --run-dir "
-                          "(or output.run_dir)") from None
-    for name in run_dir.relative_to(ancestor).parts:
-        if len(os.fsencode(name)) > limit:
-            raise RunDirError(Path(shorten(str(run_dir), 120)), f"the folder name {shorten(name)!r} is "
-                              f"{len(os.fsencode(name))} bytes long, and the file system allows {limit}: choose a "
-                              "shorter --run-dir (or output.run_dir)")
 
 
 def prepare_run_dir(options: RunOptions, say: Callable[[str], None]) -> None:
@@ -753,8 +719,15 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
     recipe = recipe.model_copy(update={"search": recipe.search.model_copy(update={"seed": options.seed,
                                                                                    "budget": options.budget})})
     check_run_dir(options.run_dir)
-    device = resolve_device(options.device)  # before the run folder is made: a refused device leaves none behind
-    pool = resolve_pool(recipe, source, pins=earlier_pins(options, hub_state))
+    if options.uses_ray:
+        from mergekit_recycle.ray_evaluator import ray_module
+
+        ray_module()  # installed? Asked before anything is loaded
+    # Before the run folder is made: a refused device leaves none behind. On Ray, the workers' device is the
+    # cluster's to say (ray_evaluator); this process only writes the winner to disk, on its own device.
+    device = resolve_device("auto" if options.uses_ray else options.device)
+    pins = earlier_pins(options, hub_state)
+    pool = resolve_pool(recipe, source, pins=pins)
     prepare_run_dir(options, say)
     with locked(options.run_dir, discard=True):
         if hub_state is not None and not options.restart:
@@ -766,39 +739,67 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
         elif done and done >= options.budget:
             say(f"the run already has {done} evaluations (budget {options.budget}): nothing more to search; "
                 "--budget +N searches N more")
-        say(f"pool: {len(pool.checkpoints)} checkpoints ({', '.join(pool.names)}), device {device}")
-        build = evaluator or (lambda *args: ResidentEvaluator(*args, in_memory=options.in_memory,
-                                                              batch_size=options.batch_size))
-        candidate_evaluator = build(recipe, pool, device, source)
-        if hasattr(candidate_evaluator, "describe"):
-            say(candidate_evaluator.describe())
-        # Only now, once the pool loaded: a run that could not start leaves no record to be refused by.
-        start_session(journal, recipe, pool, options, source.read_text(encoding="utf-8"))
-        saved = ((lambda final=False: hub_state.save(options.run_dir, say, final=final)) if hub_state is not None
-                 else (lambda final=False: None))
-        run = Run(recipe, source, pool, options, journal, candidate_evaluator, say, progress, saved)
-        stopped_early = False
-        baselines: Dict[str, Merge] = {}
+        say(f"pool: {len(pool.checkpoints)} checkpoints ({', '.join(pool.names)})"
+            + ("" if options.uses_ray else f", device {device}"))
+        if evaluator is not None:
+            candidate_evaluator = evaluator(recipe, pool, device, source)
+        elif options.uses_ray:
+            from mergekit_recycle.ray_evaluator import RayEvaluator
+
+            candidate_evaluator = RayEvaluator.start(recipe, source, pool, pins_of(recipe, pool), options.device,
+                                                     options.workers, options.ray_address, options.cpus_per_worker,
+                                                     in_memory=options.in_memory, batch_size=options.batch_size, say=say)
+        else:
+            candidate_evaluator = ResidentEvaluator(recipe, pool, device, source, in_memory=options.in_memory,
+                                                    batch_size=options.batch_size)
         try:
-            baselines = run.baselines()
-            run.search(baselines)
-        except OutOfTime:
-            stopped_early = True
-            say("time budget reached: stopping the search, writing the report for what was evaluated")
-        except SearchAbortedError:
-            write_report(options.run_dir, build_report(journal.records), journal.records)
-            with contextlib.suppress(HubStateError):  # the run folder keeps it; the abort is the news
-                run.save(final=True)
-            raise
-        winner = run.finish(baselines)
-        journal.append({"type": "finish", "time": now(), "stopped_early": stopped_early})
+            if hasattr(candidate_evaluator, "describe"):
+                say(candidate_evaluator.describe())
+            # Only now, once the pool loaded: a run that could not start leaves no record to be refused by.
+            start_session(journal, recipe, pool, options, source.read_text(encoding="utf-8"))
+            saved = ((lambda final=False: hub_state.save(options.run_dir, say, final=final)) if hub_state is not None
+                     else (lambda final=False: None))
+            run = Run(recipe, source, pool, options, journal, candidate_evaluator, say, progress, saved)
+            stopped_early = False
+            baselines: Dict[str, Merge] = {}
+            try:
+                baselines = run.baselines()
+                run.search(baselines)
+            except OutOfTime:
+                stopped_early = True
+                say("time budget reached: stopping the search, writing the report for what was evaluated")
+            except SearchAbortedError:
+                _journal_workers(journal, candidate_evaluator)
+                write_report(options.run_dir, build_report(journal.records), journal.records)
+                with contextlib.suppress(HubStateError):  # the run folder keeps it; the abort is the news
+                    run.save(final=True)
+                raise
+            winner = run.finish(baselines)
+            _journal_workers(journal, candidate_evaluator)
+        finally:
+            if hasattr(candidate_evaluator, "close"):
+                candidate_evaluator.close()
+        journal.append(FinishRecord(time=now(), stopped_early=stopped_early))
         report = build_report(journal.records)
         write_report(options.run_dir, report, journal.records)
-        # A run kept on the Hub merges its winner only to publish it (hub_state.conclude): a night that
+        # A run kept on the Hub merges its winner only to publish it (publish_policy.conclude): a night that
         # does not beat the published model skips writing the pool's worth of weights.
         if winner is not None and hub_state is None:
             merge_winner(options.run_dir, device, trust_remote_code=recipe.merge.trust_remote_code)
         return report
+
+
+def pins_of(recipe: Recipe, pool: Pool) -> Dict[str, Any]:
+    """The Hub pins of this run's pool, as every Ray node resolves it again: the SHAs, not the files."""
+    from mergekit_recycle.hub_pool import pins_from_run
+
+    return pins_from_run(RunRecord(**run_identity(recipe, pool)))
+
+
+def _journal_workers(journal: Journal, evaluator: CandidateEvaluator) -> None:
+    """What each Ray worker did this session (the report's `workers`); nothing for a run in one process."""
+    if hasattr(evaluator, "statistics"):
+        journal.append(evaluator.statistics(now()))
 
 
 def merge_winner(run_dir: Path, device: str, trust_remote_code: bool = False) -> Path:
@@ -812,7 +813,7 @@ def merge_winner(run_dir: Path, device: str, trust_remote_code: bool = False) ->
 
     from mergekit_recycle.merge import merge_yaml
 
-    target, partial = run_dir / "merged", run_dir / "merged.partial"
+    target, partial = run_dir / MERGED, run_dir / MERGED_PARTIAL
     config = (run_dir / WINNER).read_text(encoding="utf-8")
     written = target / "mergekit_config.yml"
     if written.is_file() and written.read_text(encoding="utf-8") == config:
@@ -840,8 +841,8 @@ def merge_winner(run_dir: Path, device: str, trust_remote_code: bool = False) ->
 
 
 def _recipe_name(run_dir: Path) -> str:
-    runs = Journal(run_dir / JOURNAL, repair=False).of_type("run")
-    return runs[0]["recipe"] if runs else "merged"
+    runs = Journal(run_dir / JOURNAL, repair=False).of_type(RunRecord)
+    return runs[0].recipe if runs else "merged"
 
 
 def _newest_file(folder: Path) -> Optional[Path]:
@@ -873,13 +874,12 @@ def _merge_failed(run_dir: Path, exc: Exception, being_written: Optional[Path] =
     named = re.search(r"[Tt]ensor ([\w.\-]+)", reason)
     tensor = named.group(1) if named else None
     journal = Journal(run_dir / JOURNAL)
-    runs = journal.of_type("run")
+    runs = journal.of_type(RunRecord)
     try:
-        architecture = read_architecture(Path(runs[0]["checkpoints"][0]["path"]))
+        architecture = read_architecture(Path(runs[0].checkpoints[0]["path"]))
     except (OSError, ValueError, IndexError, KeyError):
         architecture = "the pool's architecture"
     error = FinalMergeError(run_dir, architecture, f"{writing_file}{type(exc).__name__}: {reason}", tensor)
-    journal.append({"type": "merge_failed", "time": now(), "architecture": architecture, "tensor": tensor,
-                    "error": error.reason})
+    journal.append(MergeFailedRecord(time=now(), architecture=architecture, tensor=tensor, error=error.reason))
     write_report(run_dir, build_report(journal.records), journal.records)
     return error

@@ -3,7 +3,8 @@
 Resolution turns each recipe entry into one or more `Checkpoint`s with a readable name
 and a pinned source. Local folders resolve to themselves; Hub entries are resolved,
 pinned to commit SHAs and downloaded by hub_pool.py, into the same kind of `Checkpoint`
-(a folder on disk), so nothing downstream knows where a checkpoint came from.
+(a folder on disk), so nothing downstream knows where a checkpoint came from. The types
+(`Checkpoint`, `Pool`, `TensorLayout`) are in checkpoints.py, which hub_pool.py builds on too.
 
 Before anything is evaluated, every checkpoint is checked against the first: an architecture
 of the tested matrix (architecture.py), the same tensor names and the same shapes, read from
@@ -17,101 +18,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Hashable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
-from pydantic import BaseModel, ConfigDict
 from safetensors import safe_open
 
 from mergekit_recycle.architecture import TensorMap, config_problem, read_architecture, tensor_map, unsupported_reason
+from mergekit_recycle.checkpoints import Checkpoint, Pool, TensorLayout, tensor_bytes
 from mergekit_recycle.errors import PoolError, one_line
+from mergekit_recycle.hub_pool import HubResolver
 from mergekit_recycle.recipe import HubCheckpoints, LocalCheckpoint, PoolEntry, Recipe
-
-
-class Checkpoint(BaseModel):
-    """One mergeable checkpoint folder, with the name reports use and where it came from."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    path: Path
-    location: str  # the recipe field it came from, e.g. `pool[3]`
-    source: str  # what pins it: a local path, or repo@revision@sha[/subfolder]
-    allow_pickle: bool = False
-    # Where a Hub checkpoint comes from; None for a local folder.
-    repo: Optional[str] = None
-    revision: Optional[str] = None
-    subfolder: Optional[str] = None
-    sha: Optional[str] = None
-
-    @property
-    def published_source(self) -> str:
-        """`source` as published files give it: a local folder by its name, never this machine's path."""
-        return self.source if self.repo else f"local:{self.name}"
-
-    @property
-    def published_reference(self) -> str:
-        """`reference` as published files give it: a local folder by a relative path, which can never be
-        taken for a Hub repo id (a name may be `parent/folder`)."""
-        return self.reference if self.repo else f"./{self.name}"
-
-    @property
-    def commit(self) -> Tuple[Optional[str], Optional[str], Optional[str]]:
-        """What identifies a Hub checkpoint's weights: repo (case-insensitive, as on the Hub), commit, folder."""
-        return (self.repo and self.repo.lower(), self.sha, self.subfolder)
-
-    @property
-    def reference(self) -> str:
-        """How a mergekit YAML names it anywhere: `repo@sha`, `hf://repo@sha/subfolder`
-        (read by `mergekit-recycle merge`), or the local path."""
-        if self.repo is None:
-            return str(self.path)
-        if self.subfolder:
-            return f"hf://{self.repo}@{self.sha}/{self.subfolder}"
-        return f"{self.repo}@{self.sha}"
-
-
-class TensorLayout(BaseModel):
-    """What every checkpoint of a pool shares: architecture, the tensors a merge reads (names,
-    shapes, dtypes), and where the model loads them."""
-
-    model_config = ConfigDict(frozen=True)
-
-    architecture: str
-    shapes: Dict[str, Tuple[int, ...]]
-    dtypes: Dict[str, str]
-    nbytes: int  # of one checkpoint's merged tensors as stored
-    # checkpoint tensor -> the model's state-dict key (see architecture.TensorMap); None before it was mapped
-    targets: Optional[Dict[str, str]] = None
-    left_out: Tuple[str, ...] = ()  # tensors of the first checkpoint the model does not load
-
-    def restricted(self, names: List[str], targets: Dict[str, str], left_out: Tuple[str, ...]) -> "TensorLayout":
-        """The layout of the tensors a merge reads."""
-        return self.model_copy(update={
-            "shapes": {n: self.shapes[n] for n in names}, "dtypes": {n: self.dtypes[n] for n in names},
-            "nbytes": sum(_nbytes(self.shapes[n], self.dtypes[n]) for n in names),
-            "targets": targets, "left_out": left_out})
-
-
-class Pool(BaseModel):
-    """The resolved pool (and anchor) of a recipe, known to be mergeable."""
-
-    model_config = ConfigDict(frozen=True)
-
-    checkpoints: Tuple[Checkpoint, ...]
-    base: Optional[Checkpoint]
-    layout: TensorLayout
-    source: Path  # the recipe file, named in errors
-
-    @property
-    def names(self) -> List[str]:
-        return [checkpoint.name for checkpoint in self.checkpoints]
-
-    @property
-    def inputs(self) -> List[Checkpoint]:
-        """Every checkpoint a merge may read: the pool, then the anchor (unless it is a pool member)."""
-        extra = [self.base] if self.base is not None and self.base not in self.checkpoints else []
-        return list(self.checkpoints) + extra
-
-    def by_name(self, name: str) -> Checkpoint:
-        return next(checkpoint for checkpoint in self.inputs if checkpoint.name == name)
 
 
 Resolver = Callable[[PoolEntry, str, Path], List[Checkpoint]]
@@ -161,7 +74,7 @@ def _read_layout(checkpoint: Checkpoint, source: Path) -> TensorLayout:
         try:
             for key, shape, dtype in _tensor_headers(checkpoint.path / shard.filename, index.is_safetensors):
                 shapes[key], dtypes[key] = shape, dtype
-                nbytes += _nbytes(shape, dtype)
+                nbytes += tensor_bytes(shape, dtype)
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
             raise refuse(_unreadable(shard.filename, exc)) from None
     return TensorLayout(architecture=architecture, shapes=shapes, dtypes=dtypes, nbytes=nbytes)
@@ -205,14 +118,6 @@ def _safetensors_dtypes() -> Dict[Any, str]:
 
 
 _SAFETENSORS_DTYPES = _safetensors_dtypes()
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def _nbytes(shape: Tuple[int, ...], dtype: str) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count * _DTYPE_BYTES.get(dtype, 4)
 
 
 def model_skeleton(checkpoint: Checkpoint, trust_remote_code: bool = False):
@@ -363,8 +268,6 @@ def resolve_pool(recipe: Recipe, source: Path, pins: Optional[Mapping[str, Any]]
     `pins` (hub_pool.pins_from_run of an earlier session) keep each unchanged Hub entry on
     the commits it was first resolved to.
     """
-    from mergekit_recycle.hub_pool import HubResolver
-
     hub_resolver = HubResolver(pins=pins or {}, trust_remote_code=recipe.merge.trust_remote_code,
                                refuse_untested=not recipe.merge.allow_untested_architecture)
     resolvers = {LocalCheckpoint: resolve_local, HubCheckpoints: hub_resolver, **(resolvers or {})}

@@ -18,10 +18,13 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import yaml
 
 from mergekit_recycle import hub
+from mergekit_recycle.checkpoints import Checkpoint
 from mergekit_recycle.errors import HubAccessError, PublishError, RunDirError
 from mergekit_recycle.hub_state import JOURNAL_FILE, SEARCH_FILE, hub_journal_is_behind, state_files, without_home
-from mergekit_recycle.journal import JOURNAL, Journal, now
-from mergekit_recycle.pool import Checkpoint
+from mergekit_recycle.journal import Journal, now
+from mergekit_recycle.model_card import build_model_card
+from mergekit_recycle.records import PublishRecord, RunRecord
+from mergekit_recycle.run_folder import JOURNAL, MERGED, RECIPE_COPY, REPORT_JSON, WINNER, locked
 
 STAGING = "hub-upload"
 PLOTS = ("progress.png", "tasks.png", "weights.png")
@@ -98,8 +101,6 @@ def _check_write_permission(who: Dict[str, Any], repo_id: str) -> None:
 
 def publish_defaults(run_dir: Path) -> Dict[str, Any]:
     """hub_repo, private and name, as the run's recipe gave them (recipe.yaml, copied into the run)."""
-    from mergekit_recycle.optimize import RECIPE_COPY
-
     defaults: Dict[str, Any] = {"hub_repo": None, "private": True, "name": None}
     copy = run_dir / RECIPE_COPY
     if copy.is_file():
@@ -107,7 +108,7 @@ def publish_defaults(run_dir: Path) -> Dict[str, Any]:
         output = data.get("output") or {}
         defaults.update(hub_repo=output.get("hub_repo"), private=output.get("private", True), name=data.get("name"))
     if defaults["name"] is None:
-        defaults["name"] = _run_record(run_dir)["recipe"]
+        defaults["name"] = _run_record(run_dir).recipe
     return defaults
 
 
@@ -117,10 +118,8 @@ def publish(run_dir: Path, destination: Destination, say: Callable[[str], None] 
     """Push the run's winner to destination.repo_id in one commit; its CommitInfo.
 
     With `parent_commit`, the Hub refuses the commit (HTTP 412, raised as it is) when the repo moved
-    on since; `note` adds to the journal's record of the push.
+    on since; `note` adds to the journal's record of the push (publish_policy.Decision.record).
     """
-    from mergekit_recycle.optimize import locked
-
     with locked(run_dir):
         try:
             check_publishable(run_dir)
@@ -140,32 +139,32 @@ def publish(run_dir: Path, destination: Destination, say: Callable[[str], None] 
                              keep=() if with_state else STATE_FILES)
         finally:
             shutil.rmtree(run_dir / STAGING, ignore_errors=True)
-        report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
-        Journal(run_dir / JOURNAL).append({
-            "type": "publish", "repo": destination.repo_id, "commit": commit.oid, "url": commit.commit_url,
+        report = json.loads((run_dir / REPORT_JSON).read_text(encoding="utf-8"))
+        Journal(run_dir / JOURNAL).append(PublishRecord(**{
+            "repo": destination.repo_id, "commit": commit.oid, "url": commit.commit_url,
             "evaluations": report["evaluations"], "winner": report["winner"]["from"], **(note or {}),
-            "time": now()})
+            "time": now()}))
     return commit
 
 
 def published(run_dir: Path, repo_id: str, report: Dict[str, Any]) -> Optional[str]:
     """The commit URL of the latest push of this very result (same evaluations, same winner) to repo_id."""
-    pushes = [r for r in Journal(run_dir / JOURNAL, repair=False).of_type("publish") if r["repo"] == repo_id]
-    if pushes and (pushes[-1].get("evaluations"), pushes[-1].get("winner")) == (
+    pushes = [r for r in Journal(run_dir / JOURNAL, repair=False).of_type(PublishRecord) if r.repo == repo_id]
+    if pushes and (pushes[-1].evaluations, pushes[-1].winner) == (
             report["evaluations"], report.get("winner", {}).get("from")):
-        return pushes[-1]["url"]
+        return pushes[-1].url
     return None
 
 
 def check_publishable(run_dir: Path) -> None:
     """Refuse a run folder without a finished winner, before the Hub is asked anything."""
     _run_record(run_dir)
-    written = run_dir / "merged" / "mergekit_config.yml"
-    if not written.is_file() or not (run_dir / "report.json").is_file():
-        raise RunDirError(run_dir, "has no merged model (merged/): let `mergekit-recycle optimize` finish first")
-    winner = run_dir / "winner.yaml"
+    written = run_dir / MERGED / "mergekit_config.yml"
+    if not written.is_file() or not (run_dir / REPORT_JSON).is_file():
+        raise RunDirError(run_dir, f"has no merged model ({MERGED}/): let `mergekit-recycle optimize` finish first")
+    winner = run_dir / WINNER
     if not winner.is_file() or winner.read_text(encoding="utf-8") != written.read_text(encoding="utf-8"):
-        raise RunDirError(run_dir, "merged/ is not the current winner (winner.yaml): rerun `mergekit-recycle "
+        raise RunDirError(run_dir, f"{MERGED}/ is not the current winner ({WINNER}): rerun `mergekit-recycle "
                           "optimize` with the same recipe and run folder to finish the run first")
 
 
@@ -179,11 +178,8 @@ def _state_is_behind(run_dir: Path, repo_id: str) -> bool:
 def stage(run_dir: Path, repo_id: str, with_state: bool = True) -> Path:
     """RUN_DIR/hub-upload: the repo's content, as hard links where possible (nothing large is copied).
     The run folder was checked publishable (publish does it first)."""
-    from mergekit_recycle.model_card import build_model_card
-    from mergekit_recycle.optimize import RECIPE_COPY
-
-    merged, winner = run_dir / "merged", run_dir / "winner.yaml"
-    report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+    merged, winner = run_dir / MERGED, run_dir / WINNER
+    report = json.loads((run_dir / REPORT_JSON).read_text(encoding="utf-8"))
     run = _run_record(run_dir)
     recipe_path = run_dir / RECIPE_COPY
     recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else ""
@@ -198,9 +194,11 @@ def stage(run_dir: Path, repo_id: str, with_state: bool = True) -> Path:
         if (run_dir / name).is_file():
             _link(run_dir / name, staging / name)
     (staging / "mergekit_config.yml").write_text(portable_config(winner, run), encoding="utf-8")
-    public_report = {**report, "rows": [without_home(row) for row in report["rows"]],
-                     "checkpoints": {c["name"]: Checkpoint.model_validate(c).published_source for c in run["checkpoints"]}}
-    (staging / "recycle" / "report.json").write_text(json.dumps(public_report, indent=2), encoding="utf-8")
+    # report.json as report.py wrote it (JSON), and the run record's checkpoints as pool.Checkpoint's JSON.
+    rows = [{**row, "error": without_home(row["error"])} if row.get("error") else row for row in report["rows"]]
+    public_report = {**report, "rows": rows,
+                     "checkpoints": {c["name"]: Checkpoint.model_validate(c).published_source for c in run.checkpoints}}
+    (staging / "recycle" / REPORT_JSON).write_text(json.dumps(public_report, indent=2), encoding="utf-8")
     for name, data in state_files(run_dir).items() if with_state else ():
         (staging / name).write_bytes(data)
     if recipe_text:
@@ -209,14 +207,14 @@ def stage(run_dir: Path, repo_id: str, with_state: bool = True) -> Path:
     return staging
 
 
-def portable_config(winner: Path, run: Dict[str, Any]) -> str:
+def portable_config(winner: Path, run: RunRecord) -> str:
     """winner.yaml with each checkpoint named by its pinned Hub commit instead of this machine's path."""
     config = yaml.safe_load(winner.read_text(encoding="utf-8"))
-    checkpoints = [Checkpoint.model_validate(c) for c in run["checkpoints"]]
+    checkpoints = [Checkpoint.model_validate(c) for c in run.checkpoints]
     for model, checkpoint in zip(config["models"], checkpoints):
         model["model"] = checkpoint.published_reference
-    if run.get("base") and "base_model" in config:
-        config["base_model"] = Checkpoint.model_validate(run["base"]).published_reference
+    if run.base and "base_model" in config:
+        config["base_model"] = Checkpoint.model_validate(run.base).published_reference
     title = winner.read_text(encoding="utf-8").splitlines()[0]
     return (f"{title}\n# Reproduce: mergekit-recycle merge mergekit_config.yml OUT_DIR\n"
             + yaml.safe_dump(config, sort_keys=False))
@@ -227,7 +225,7 @@ def _upload(staging: Path, run_dir: Path, repo_id: str, parent_commit: Optional[
     """One commit of the staging folder (huggingface_hub retries a commit the Hub fails with 5xx)."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    report = json.loads((staging / "recycle" / "report.json").read_text(encoding="utf-8"))
+    report = json.loads((staging / "recycle" / REPORT_JSON).read_text(encoding="utf-8"))
     message = message or f"mergekit-recycle: the winner of {report['recipe']} ({report['evaluations']} evaluations)"
     staged = {path.relative_to(staging).as_posix() for path in staging.rglob("*") if path.is_file()}
     client = hub.api()
@@ -245,11 +243,11 @@ def _upload(staging: Path, run_dir: Path, repo_id: str, parent_commit: Optional[
         raise PublishError(run_dir, repo_id, hub.failure(exc, repo_id, offline_hint=False)) from None
 
 
-def _run_record(run_dir: Path) -> Dict[str, Any]:
+def _run_record(run_dir: Path) -> RunRecord:
     path = run_dir / JOURNAL
     if not path.is_file():
         raise RunDirError(run_dir, f"no {JOURNAL} here: not a mergekit-recycle run folder")
-    runs = Journal(path, repair=False).of_type("run")
+    runs = Journal(path, repair=False).of_type(RunRecord)
     if not runs:
         raise RunDirError(run_dir, "the run never got going: nothing to publish")
     return runs[0]

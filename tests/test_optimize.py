@@ -19,6 +19,7 @@ from conftest import lines, run_cli
 from mergekit_recycle.candidate import ResidentEvaluator
 from mergekit_recycle.errors import PoolError, SearchAbortedError
 from mergekit_recycle.journal import Journal
+from mergekit_recycle.records import EvaluationRecord
 from mergekit_recycle.mergekit_yaml import write_merge_config
 from mergekit_recycle.optimize import RunOptions, optimize
 from mergekit_recycle.pool import resolve_pool
@@ -35,11 +36,11 @@ def optimize_cli(recipe: Path, run_dir: Path, *flags: str) -> subprocess.Complet
 
 
 def evaluations(run_dir: Path, kind: str = "proposal"):
-    return [r for r in Journal(run_dir / "journal.jsonl").of_type("evaluation") if r["kind"] == kind]
+    return [r for r in Journal(run_dir / "journal.jsonl").of_type(EvaluationRecord) if r.kind == kind]
 
 
 def evaluated(run_dir: Path):
-    return [r for r in evaluations(run_dir) if r["reused"] is None]
+    return [r for r in evaluations(run_dir) if r.reused is None]
 
 
 @pytest.fixture(scope="module")
@@ -104,17 +105,18 @@ def test_run_folder_holds_journal_proposals_report_plots_and_a_loadable_merge(re
     from mergekit_recycle.merge import load_merge_config
 
     run_dir, _ = reference
-    proposals = evaluations(run_dir)
-    assert [r["id"] for r in proposals] == list(range(len(proposals)))
-    assert sorted(p.name for p in (run_dir / "proposals").iterdir()) == [f"{r['id']:06d}.yaml" for r in proposals]
+    # Journaled as each result arrives (a reuse after the generation's evaluations): in any order, every id once.
+    proposals = sorted(evaluations(run_dir), key=lambda record: record.id)
+    assert [r.id for r in proposals] == list(range(len(proposals)))
+    assert sorted(p.name for p in (run_dir / "proposals").iterdir()) == [f"{r.id:06d}.yaml" for r in proposals]
     for record in proposals:
-        assert set(record) >= {"id", "generation", "coordinates", "weights", "scores", "objective", "status",
-                               "merge_seconds", "eval_seconds"}
-        config, _ = load_merge_config(run_dir / "proposals" / f"{record['id']:06d}.yaml")
+        assert set(record.to_json()) >= {"id", "generation", "coordinates", "weights", "scores", "objective", "status",
+                                         "merge_seconds", "eval_seconds"}
+        config, _ = load_merge_config(run_dir / "proposals" / f"{record.id:06d}.yaml")
         assert config.merge_method == "recycle_linear"
         weights = {Path(str(m.model.model.path)).name: m.parameters["weight"] for m in config.models}
-        assert weights == pytest.approx(record["weights"])
-    assert any(r["reused"] for r in proposals)  # the injected soups were not evaluated again
+        assert weights == pytest.approx(record.weights)
+    assert any(r.reused for r in proposals)  # the injected soups were not evaluated again
     report_md = (run_dir / "report.md").read_text()
     assert "Pareto front" in report_md and "weights exceed 1%" in report_md and "| optimized |" in report_md
     for plot in ("progress.png", "tasks.png", "weights.png"):
@@ -154,8 +156,8 @@ def test_resident_merge_equals_merging_the_proposal_yaml(reference, recipe_file,
     model, _ = load_resident_model(pool, "float32", "cpu")
     merger = ResidentMerger(pool, model, "float32", in_memory=in_memory)
     for record in [evaluated(run_dir)[-1], evaluated(run_dir)[0]]:
-        merger.merge(Merge(weights=record["weights"], scale=record["scale"]))
-        expected = merged_by_cli(run_dir / "proposals" / f"{record['id']:06d}.yaml", tmp_path / str(record["id"]))
+        merger.merge(Merge(weights=record.weights, scale=record.scale))
+        expected = merged_by_cli(run_dir / "proposals" / f"{record.id:06d}.yaml", tmp_path / str(record.id))
         assert_resident_equals(model, expected)
 
 
@@ -196,23 +198,23 @@ def test_a_killed_run_resumes_to_the_same_result(reference, recipe_file, tmp_pat
     assert result.returncode == 0, result.stderr
     proposals = evaluations(run_dir)
     assert len(evaluated(run_dir)) == BUDGET
-    assert len({r["id"] for r in proposals}) == len(proposals)
+    assert len({r.id for r in proposals}) == len(proposals)
     mine = json.loads((run_dir / "report.json").read_text())["rows"][-1]
     theirs = json.loads((reference[0] / "report.json").read_text())["rows"][-1]
     assert mine == theirs
     # The same finalists, the same decision, for the same reason.
     assert json.loads((run_dir / "report.json").read_text())["selection"] == \
         json.loads((reference[0] / "report.json").read_text())["selection"]
-    baselines = [r for r in Journal(run_dir / "journal.jsonl").of_type("evaluation") if r["kind"] == "checkpoint"]
+    baselines = [r for r in Journal(run_dir / "journal.jsonl").of_type(EvaluationRecord) if r.kind == "checkpoint"]
     assert len(baselines) == 3 * 6  # each checkpoint scored once on each split, never again after the kill
 
 
 def test_rerunning_a_finished_run_evaluates_nothing_and_a_larger_budget_continues(reference, recipe_file, tmp_path):
     run_dir = copy_run(reference[0], tmp_path)
-    before = Journal(run_dir / "journal.jsonl").of_type("evaluation")
+    before = Journal(run_dir / "journal.jsonl").of_type(EvaluationRecord)
     again = optimize_cli(recipe_file, run_dir, "--budget", str(BUDGET))
     assert again.returncode == 0, again.stderr
-    assert Journal(run_dir / "journal.jsonl").of_type("evaluation") == before  # only a session and a finish line more
+    assert Journal(run_dir / "journal.jsonl").of_type(EvaluationRecord) == before  # only a session and a finish line more
     more = optimize_cli(recipe_file, run_dir, "--budget", str(BUDGET + 3))
     assert more.returncode == 0, more.stderr
     assert len(evaluated(run_dir)) == BUDGET + 3
@@ -323,9 +325,9 @@ def run_api(recipe_file: Path, run_dir: Path, fail=None, budget: int = 6):
 
 def test_failed_candidates_are_journaled_and_the_search_goes_on(recipe_file, tmp_path):
     report = run_api(recipe_file, tmp_path / "run", fail=lambda n: {2: "raise", 3: "nan"}.get(n))
-    failed = [r for r in evaluated(tmp_path / "run") if r["status"] == "failed"]
-    assert [r["error"].split(":")[0] for r in failed] == ["RuntimeError", "scored NaN"]
-    assert all(r["objective"] is None and r["scores"] is None for r in failed)
+    failed = [r for r in evaluated(tmp_path / "run") if r.status == "failed"]
+    assert [r.error.split(":")[0] for r in failed] == ["RuntimeError", "scored NaN"]
+    assert all(r.objective is None and r.scores is None for r in failed)
     assert report["evaluations"] == 6 and report["failed"] == 2 and report["rows"][-1]["holdout"]
 
 
@@ -334,7 +336,7 @@ def test_too_many_failures_in_a_row_stop_with_state_saved(recipe_file, tmp_path)
     with pytest.raises(SearchAbortedError) as caught:
         run_api(recipe_file, run_dir, fail=lambda n: "raise", budget=8)
     assert caught.value.failures == 5 and "merge exploded" in str(caught.value)
-    assert [r["status"] for r in evaluated(run_dir)] == ["failed"] * 5
+    assert [r.status for r in evaluated(run_dir)] == ["failed"] * 5
     assert json.loads((run_dir / "report.json").read_text())["failed"] == 5
     report = run_api(recipe_file, run_dir, budget=8)  # the cause is gone: the same run continues
     assert report["evaluations"] == 8 and report["failed"] == 5
@@ -426,9 +428,9 @@ def test_with_an_anchor_the_search_also_tunes_the_scale(small_pool, tmp_path):
     options = RunOptions(run_dir=tmp_path / "run", budget=6, seed=0, device="cpu")
     report = optimize(anchored_recipe(small_pool), directory / "recipe.yaml", options)
     proposals = evaluated(tmp_path / "run")
-    scales = [r["scale"] for r in proposals]
+    scales = [r.scale for r in proposals]
     assert all(0.5 <= scale <= 1.5 for scale in scales) and len(set(scales)) == len(scales)
-    config, _ = load_merge_config(tmp_path / "run" / "proposals" / f"{proposals[0]['id']:06d}.yaml")
+    config, _ = load_merge_config(tmp_path / "run" / "proposals" / f"{proposals[0].id:06d}.yaml")
     assert Path(str(config.base_model.model.path)).name == "base"
     assert config.parameters["scale"] == pytest.approx(scales[0])
     assert "base" not in report["rows"][-1]["weights"]  # the anchor anchors; it is not a pool member
@@ -466,7 +468,7 @@ def test_failed_baselines_are_scored_again_when_the_run_continues(recipe_file, t
     report = optimize(recipe, recipe_file, options)
     singles = [row for row in report["rows"] if row["kind"] == "checkpoint"]
     assert len(singles) == 6 and all(row["search"] and row["holdout"] for row in singles)
-    failed = [r for r in evaluations(run_dir, "checkpoint") if r["status"] == "failed"]
+    failed = [r for r in evaluations(run_dir, "checkpoint") if r.status == "failed"]
     assert len(failed) == 5  # kept in the journal, superseded by the scores that followed
     assert report["finished"] and report["evaluations"] == 2
 
@@ -596,7 +598,7 @@ def test_a_run_from_before_winner_selection_continues_only_with_holdback_0(refer
     assert result.returncode == 0, result.stderr
     report = json.loads((run_dir / "report.json").read_text())
     # Without a holdback the best merge on the search tasks wins, as it always did.
-    best = max((r for r in Journal(run_dir / "journal.jsonl").of_type("evaluation") if r["split"] == "search"
-                and r["status"] == "ok"), key=lambda r: r["objective"])
-    assert report["selection"]["holdback"] == 0 and report["winner"]["weights"] == best["weights"]
+    best = max((r for r in Journal(run_dir / "journal.jsonl").of_type(EvaluationRecord) if r.split == "search"
+                and r.ok), key=lambda r: r.objective)
+    assert report["selection"]["holdback"] == 0 and report["winner"]["weights"] == best.weights
     assert "holdback 0" in report["selection"]["reason"]

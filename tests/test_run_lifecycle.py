@@ -14,6 +14,7 @@ import yaml
 from conftest import invoke, lines
 from mergekit_recycle.journal import Journal
 from mergekit_recycle.optimize import RunOptions, optimize
+from mergekit_recycle.records import EvaluationRecord, RunRecord
 from mergekit_recycle.recipe import load_recipe
 from mergekit_recycle.report import task_panels
 
@@ -40,7 +41,7 @@ def records(run_dir: Path):
 
 
 def evaluations(run_dir: Path):
-    return [r for r in records(run_dir) if r["type"] == "evaluation"]
+    return [r for r in records(run_dir) if isinstance(r, EvaluationRecord)]
 
 
 def one_line(result, code: int = 2) -> str:
@@ -54,8 +55,9 @@ class Interrupted:
     def __init__(self, *args):
         pass
 
-    def evaluate(self, merge, split):
+    def evaluate_many(self, merges, split):
         raise KeyboardInterrupt
+        yield  # a generator, as every evaluator's evaluate_many
 
 
 def test_a_failed_start_never_blocks_the_fixed_rerun_and_a_finished_run_says_what_it_has(pool, tmp_path):
@@ -71,14 +73,14 @@ def test_a_failed_start_never_blocks_the_fixed_rerun_and_a_finished_run_says_wha
     run_dir.mkdir()
     with pytest.raises(KeyboardInterrupt):
         optimize(load_recipe(typo), typo, RunOptions(run_dir=run_dir, budget=2, seed=0, device="cpu"), evaluator=Interrupted)
-    assert [r["type"] for r in records(run_dir)] == ["run", "session"]
+    assert [r.type for r in records(run_dir)] == ["run", "session"]
     # ...is taken over by the fixed recipe without --restart: a new run record first, the old session kept.
     result = invoke("optimize", str(fixed), "--run-dir", str(run_dir))
     assert result.exit_code == 0, result.stderr
     journal = records(run_dir)
-    assert [r["type"] for r in journal[:3]] == ["run", "session", "session"] and len(journal) == len(
-        [r for r in journal if r["type"] != "run"]) + 1
-    assert journal[0]["tasks"][0]["metric"] == "acc" and journal[0]["seed"] == 0
+    assert [r.type for r in journal[:3]] == ["run", "session", "session"] and len(journal) == len(
+        [r for r in journal if not isinstance(r, RunRecord)]) + 1
+    assert journal[0].tasks[0]["metric"] == "acc" and journal[0].seed == 0
     # What a newcomer reads: each baseline as it is scored on both splits, each greedy step kept or dropped.
     said = result.stderr
     assert "baseline ckpt-a: search objective" in said and "baseline greedy soup: holdout objective" in said
@@ -97,7 +99,7 @@ def test_a_failed_start_never_blocks_the_fixed_rerun_and_a_finished_run_says_wha
     seeded = one_line(invoke("optimize", str(fixed), "--run-dir", str(run_dir), "--seed", "5", "--quiet"))
     assert "holds a run searched with seed 0, and this command asks for seed 5" in seeded
     assert "drop --seed" in seeded and "--restart" in seeded
-    assert evaluations(run_dir) == [r for r in before if r["type"] == "evaluation"]
+    assert evaluations(run_dir) == [r for r in before if isinstance(r, EvaluationRecord)]
 
     both = invoke("report", str(run_dir), "--json", "--summary")
     assert "--json and --summary cannot be combined" in one_line(both)
@@ -107,14 +109,14 @@ def test_a_full_disk_names_the_file_and_keeps_the_journal(pool, tmp_path):
     run_dir, recipe = tmp_path / "run", write_recipe(pool)
     assert invoke("optimize", str(recipe), "--run-dir", str(run_dir), "--quiet").exit_code == 0
     journal = (run_dir / "journal.jsonl").read_bytes()
-    proposals = [r for r in evaluations(run_dir) if r["kind"] == "proposal"]
+    proposals = [r for r in evaluations(run_dir) if r.kind == "proposal"]
     # The next proposal's file is written through a link to /dev/full: a real ENOSPC.
-    following = f"{proposals[-1]['id'] + 1:06d}.yaml"
+    following = f"{max(r.id for r in proposals) + 1:06d}.yaml"
     (run_dir / "proposals" / f"{following}.partial").symlink_to("/dev/full")
     full = one_line(invoke("optimize", str(recipe), "--run-dir", str(run_dir), "--budget", "+1", "--quiet"))
     assert f"writing proposals/{following} failed: No space left on device" in full and "free some space" in full
     assert (run_dir / "journal.jsonl").read_bytes().startswith(journal)
-    assert [r for r in evaluations(run_dir) if r["kind"] == "proposal"] == proposals
+    assert [r for r in evaluations(run_dir) if r.kind == "proposal"] == proposals
     (run_dir / "proposals" / f"{following}.partial").unlink()
 
     # merged/ on a full disk: merged.partial/ links to a 64 KiB tmpfs (root only), where the weights do not fit.
@@ -130,7 +132,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_journal(pool, tmp_path):
         subprocess.run(["umount", str(small)], check=True)
     assert "merging the winner into merged/ failed" in failed and "writing merged/" in failed
     assert "No space left on device" in failed and "unexpected" not in failed
-    assert len([r for r in evaluations(run_dir) if r["kind"] == "proposal" and r["reused"] is None]) == 3
+    assert len([r for r in evaluations(run_dir) if r.kind == "proposal" and r.reused is None]) == 3
     assert not (run_dir / "merged").exists() and json.loads((run_dir / "report.json").read_text())["finished"] is False
 
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from mergekit_recycle.records import EvaluationRecord, FinishRecord, RunRecord, SelectionRecord, SessionRecord
 from mergekit_recycle.report import build_report, claim, margins_line
 from mergekit_recycle.selection import Contender, choose, interval, paired_bootstrap
 
@@ -90,10 +91,10 @@ def test_a_tie_on_dev_takes_the_better_held_back_score_then_the_earlier_baseline
 
 def evaluation(kind, name, split, weights, docs, **extra):
     scores = {task: float(np.mean(values)) for task, values in docs.items()}
-    return {"type": "evaluation", "split": split, "kind": kind, "name": name, "weights": weights, "scale": 1.0,
-            "key": [round(weights[n], 9) for n in sorted(weights)] + [1.0], "status": "ok", "scores": scores,
-            "objective": sum(SHARES[t] * v for t, v in scores.items()), "error": None, "reused": None,
-            "merge_seconds": 0.0, "eval_seconds": 0.0, "documents": docs, **extra}
+    return EvaluationRecord(split=split, kind=kind, name=name, weights=weights, scale=1.0,
+                            key=[round(weights[n], 9) for n in sorted(weights)] + [1.0], status="ok", scores=scores,
+                            objective=sum(SHARES[t] * v for t, v in scores.items()), merge_seconds=0.0,
+                            eval_seconds=0.0, documents=docs, **extra)
 
 
 def test_the_report_compares_with_the_checkpoint_best_on_holdout_and_says_no_better_when_the_interval_holds_0():
@@ -106,10 +107,10 @@ def test_the_report_compares_with_the_checkpoint_best_on_holdout_and_says_no_bet
     holdout_a = documents(rng, 0.6, 1000)
     holdout_b = correlated(rng, holdout_a, 0.2)  # ckpt-b is far better on holdout, though tied with ckpt-a on dev
     holdout_merge = correlated(rng, holdout_a, 0.19)  # the merge: above ckpt-a, about level with ckpt-b
-    records = [{"type": "run", "recipe": "toy", "fingerprint": {}, "tasks": [
+    records = [RunRecord(recipe="toy", tasks=[
         {"name": t, "search": f"{t}_dev", "holdout": f"{t}_test", "metric": "acc", "weight": 1.0} for t in SHARES],
-        "checkpoints": [{"name": n, "source": n} for n in names]},
-        {"type": "session", "budget": 1}]
+        checkpoints=[{"name": n, "source": n} for n in names]),
+        SessionRecord(started="2025-01-01T00:00:00+00:00", budget=1, seed=0)]
     for name, weights in (("ckpt-a", one), ("ckpt-b", two)):
         records.append(evaluation("checkpoint", name, "search", weights, dev))
     records.append(evaluation("uniform", "uniform soup", "search", half, dev))
@@ -118,12 +119,10 @@ def test_the_report_compares_with_the_checkpoint_best_on_holdout_and_says_no_bet
                 evaluation("checkpoint", "ckpt-b", "holdout", two, holdout_b),
                 evaluation("uniform", "uniform soup", "holdout", half, holdout_merge),
                 evaluation("greedy", "greedy soup", "holdout", one, holdout_a)]
-    records.append({"type": "selection", "winner": "uniform soup", "kind": "uniform", "reference": "uniform soup",
-                    "challenger": None, "margin": None, "lower": None, "level": None, "reason": "kept",
-                    "finalists": [], "holdback": 0.3, "confidence": 0.5, "evaluations": 0,
-                    "weights": half, "scale": 1.0, "key": [0.5, 0.5, 1.0]})
+    records.append(SelectionRecord(winner="uniform soup", kind="uniform", reference="uniform soup", reason="kept",
+                                   holdback=0.3, confidence=0.5, weights=half, key=[0.5, 0.5, 1.0]))
     records.append(evaluation("optimized", "uniform soup", "holdout", half, holdout_merge, reused="uniform soup"))
-    records.append({"type": "finish", "stopped_early": False})
+    records.append(FinishRecord())
     report = build_report(records)
     comparison = report["comparison"]
     assert comparison["best_checkpoint"] == "ckpt-b" and comparison["beaten"] == 1

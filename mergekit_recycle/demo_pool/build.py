@@ -445,7 +445,7 @@ def _workspace(directory: Path) -> Path:
 def train_pool(workspace: Path, seed: int, plan: PoolPlan, report: Report = lambda line: None) -> None:
     """Train every run of `plan` in this process and save its checkpoints into `workspace`.
 
-    The bytes are the same on every x86-64 CPU only in a process started with
+    The bytes are pinned (see README, The demo pool) only in a process started with
     PINNED_ENVIRONMENT; build_pool runs this in one (worker.py)."""
     import torch
 
@@ -623,5 +623,5 @@ def summary_table(summary: PoolSummary) -> str:
     lines.append("")
     lines += [f"{checkpoint}: {description}" for checkpoint, description in summary.checkpoints.items()]
     if summary.content_fingerprint:
-        lines.append(f"content fingerprint: {summary.content_fingerprint} (the same on every x86-64 CPU; name it with any figure measured on this pool)")
+        lines.append(f"content fingerprint: {summary.content_fingerprint} (name it with any figure measured on this pool)")
     return "\n".join(lines)

@@ -4,9 +4,10 @@
 trains and saves every checkpoint into WORKSPACE, and writes one JSON object a line on stdout:
 `{"progress": line}` while it trains, then `{"error": message}` if the build must stop.
 
-It is a child process because the settings that make the bytes the same on every x86-64 CPU
-(build.PINNED_ENVIRONMENT) are read once, when torch and MKL first compute: they must be in the
-environment before the process starts, which a caller that already used torch cannot undo.
+It is a child process because the settings that pin the bytes (build.PINNED_ENVIRONMENT; the same
+bytes on every AMD x86-64 CPU checked, another build on Intel) are read once, when torch and MKL
+first compute: they must be in the environment before the process starts, which a caller that
+already used torch cannot undo.
 """
 
 import json
