@@ -4,6 +4,7 @@ One two-node Ray cluster (ray.cluster_utils.Cluster, one CPU a node, on 127.0.0.
 module: starting Ray costs seconds. Runs use the demo pool's `small` size, as test_optimize does.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -200,3 +201,41 @@ def test_ray_asked_for_but_not_installed_is_one_line_and_leaves_no_run_folder(re
 def test_cpus_per_worker_alone_is_refused(recipe_file):
     result = invoke("optimize", str(recipe_file), "--cpus-per-worker", "2")
     assert result.exit_code == 2 and "--cpus-per-worker sets the threads of Ray workers" in result.output
+
+
+def test_a_node_lost_mid_run_leaves_fewer_workers_and_the_same_result(cluster, recipe_file, serial, tmp_path,
+                                                                      monkeypatch):
+    """The node of one worker goes away mid-run; the other node has no room for a replacement, so after the
+    placement timeout the run goes on with one worker, and still reproduces the serial run."""
+    monkeypatch.setenv("MERGEKIT_RECYCLE_RAY_PLACEMENT_SECONDS", "3")
+    node = next(iter(cluster.worker_nodes))
+    removed = threading.Event()
+
+    def remove_when_busy() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not removed.is_set():
+            titles = []
+            for process in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    titles.append(" ".join(process.cmdline()))
+            if sum(title.startswith("ray::EvaluationWorker.evaluate") for title in titles):
+                cluster.remove_node(node)
+                removed.set()
+                return
+            time.sleep(0.05)
+
+    remover = threading.Thread(target=remove_when_busy, daemon=True)
+    remover.start()
+    run_dir = tmp_path / "ray"
+    try:
+        result = optimize(recipe_file, run_dir, "--budget", str(BUDGET), "--workers", "2", "--cpus-per-worker", "1",
+                          quiet=False)
+    finally:
+        removed.set()
+        remover.join()
+        if node not in cluster.worker_nodes:  # the module's later tests get their two nodes back
+            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    assert "no other node has room for it): continuing with 1 worker" in result.output
+    per_worker = json.loads((run_dir / "report.json").read_text())["workers"]["per_worker"]
+    assert sorted(worker["lost"] for worker in per_worker) == [False, True]
+    assert_same_run(run_dir, serial)
