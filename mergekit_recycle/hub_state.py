@@ -28,9 +28,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from mergekit_recycle import constants, hub
 from mergekit_recycle.checkpoints import Checkpoint
 from mergekit_recycle.errors import ConcurrentRunError, HubStateError, RunDirError
-from mergekit_recycle.journal import Journal, dumps
-from mergekit_recycle.records import (EvaluationRecord, MergeFailedRecord, Record, RunRecord, parse_record,
-                                      proposals_evaluated)
+from mergekit_recycle.journal import Journal, dumps, loads
+from mergekit_recycle.records import EvaluationRecord, MergeFailedRecord, Record, RunRecord, proposals_evaluated
 from mergekit_recycle.run_folder import JOURNAL, SEARCH_STATE, read_search_state
 
 JOURNAL_FILE = "recycle/journal.jsonl"
@@ -142,18 +141,11 @@ class HubState:
             if not line.strip():
                 continue
             try:
-                data = json.loads(line)
-            except ValueError:
-                raise self._damaged(number, "is not JSON") from None
-            try:
-                records.append(parse_record(data))
+                records.append(loads(line))
             except ValueError as exc:
-                raise self._damaged(number, f"is no journal record ({' '.join(str(exc).splitlines()[:2])})") from None
+                raise HubStateError(self.repo_id, f"{JOURNAL_FILE} line {number} at commit {self.head[:7]} {exc}: "
+                                    "restore it on the Hub, or rerun with --restart to start a new search there") from None
         return records
-
-    def _damaged(self, number: int, what: str) -> HubStateError:
-        return HubStateError(self.repo_id, f"{JOURNAL_FILE} line {number} at commit {self.head[:7]} {what}: restore "
-                             "it on the Hub, or rerun with --restart to start a new search there")
 
     def adopt(self, run_dir: Path, identity: Dict[str, Any], say: Callable[[str], None]) -> None:
         """Extend RUN_DIR's journal with the records the Hub has beyond it (all of them on a fresh runner).

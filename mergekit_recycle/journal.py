@@ -68,16 +68,10 @@ class Journal:
             if not line.strip():
                 continue
             try:
-                data = json.loads(line)
-            except ValueError:
-                raise RunDirError(self.path.parent, f"{self.path.name} line {number} is not JSON; "
-                                  "the journal was edited or damaged: restore it, or rerun with --restart") from None
-            try:
-                yield parse_record(data)
+                yield loads(line)
             except ValueError as exc:
-                reason = " ".join(str(exc).split("\n")[:2])
-                raise RunDirError(self.path.parent, f"{self.path.name} line {number} is no journal record ({reason}); "
-                                  "the journal was edited or damaged: restore it, or rerun with --restart") from None
+                raise RunDirError(self.path.parent, f"{self.path.name} line {number} {exc}; the journal was edited "
+                                  "or damaged: restore it, or rerun with --restart") from None
 
     def append(self, record: Record) -> Record:
         line = dumps(record)
@@ -102,6 +96,18 @@ class Journal:
     def of_type(self, kind: Type[R]) -> List[R]:
         """The records of one type, in journal order."""
         return [record for record in self.records if isinstance(record, kind)]
+
+
+def loads(line: bytes) -> Record:
+    """One journal line's record; ValueError that says what is wrong with the line (to follow "line N")."""
+    try:
+        data = json.loads(line)
+    except ValueError:
+        raise ValueError("is not JSON") from None
+    try:
+        return parse_record(data)
+    except ValueError as exc:
+        raise ValueError(f"is no journal record ({' '.join(str(exc).splitlines()[:2])})") from None
 
 
 def dumps(record: Record) -> str:

@@ -46,7 +46,7 @@ from mergekit_recycle.selection import Contender, Decision, choose
 if TYPE_CHECKING:
     from mergekit_recycle.hub_state import HubState
 
-Record = Dict[str, Any]
+Json = Dict[str, Any]  # a JSON object: a fingerprint's part, a run record's identity
 SAMPLE_BYTES = 2**20
 # The kinds of the selection's finalists (the others are baselines).
 FINALIST_KINDS = ("proposal", "greedy-step", "mean")
@@ -128,7 +128,7 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _search_settings(recipe: Recipe) -> Record:
+def _search_settings(recipe: Recipe) -> Json:
     """What of the search settings a run's results depend on (the budget only says how far to go)."""
     return recipe.search.model_dump(mode="json", exclude={"budget"})
 
@@ -649,7 +649,7 @@ def _seed_of_run(run: RunRecord, recipe: Recipe, seeds: Sequence[int]) -> Option
     return None
 
 
-def run_identity(recipe: Recipe, pool: Pool) -> Record:
+def run_identity(recipe: Recipe, pool: Pool) -> Json:
     """The part of the `run` record that names this machine's checkpoints (and the entries they came from)."""
     entries = {f"pool[{i}]": entry for i, entry in enumerate(recipe.pool)}
     if recipe.base is not None:
