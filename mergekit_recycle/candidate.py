@@ -11,13 +11,15 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Literal, Optional, Protocol, Sequence, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict
 
-from mergekit_recycle.constants import DEFAULT_BATCH_SIZE
+from mergekit_recycle.constants import DEFAULT_BATCH_SIZE, UNMEASURED_BATCH_SIZE
 from mergekit_recycle.errors import ConfigFileError, LimitOnGroupError, PoolError, RecipeError, one_line
-from mergekit_recycle.evaluate import Scorer, check_metrics, metric_name, named_task_errors, needs_lm_eval_tasks
+from mergekit_recycle.evaluate import (FewshotError, Scorer, check_chat_templates, check_metrics, metric_name,
+                                       named_task_errors, needs_lm_eval_tasks)
+from mergekit_recycle.loglikelihoods import choose_batch_size, sliding_window
 from mergekit_recycle.pool import Pool
 from mergekit_recycle.proposal import Merge
 from mergekit_recycle.recipe import Recipe
@@ -43,6 +45,8 @@ class Evaluation(BaseModel):
     # recipe task -> the metric per document, in document order (selection and holdout splits only;
     # a task that is an lm-eval group has none).
     documents: Optional[Dict[str, List[float]]] = None
+    # What changed, while scoring it, how candidates are scored (a shortcut that fell back): said once, not journaled.
+    notes: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,42 +116,65 @@ class OneAtATime:
         return getattr(self.evaluator, name)  # describe(), close(), ...
 
 
+BatchSize = Union[int, Literal["auto"]]  # rows per forward pass, or measured once (--batch-size auto)
+
+
 class ResidentEvaluator:
     """Merges into one resident model and scores it with task objects and an HFLM built once."""
 
     def __init__(self, recipe: Recipe, pool: Pool, device: str, source: Path, in_memory: Optional[bool] = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE):
+                 batch_size: BatchSize = DEFAULT_BATCH_SIZE):
         self.recipe = recipe
         self.source = source
         self.model, tokenizer = load_resident_model(pool, recipe.merge.dtype, device, recipe.merge.trust_remote_code)
+        check_chat_templates(recipe, tokenizer, source)
         self.merger = ResidentMerger(pool, self.model, recipe.merge.dtype, in_memory=in_memory)
         include_defaults = needs_lm_eval_tasks(recipe)
         limits = {task.search: task.limit for task in recipe.tasks if task.limit}
         holdback = recipe.selection.holdback
         splits = [split for split in SPLITS if split != "selection" or recipe.selection.enabled]
+        # Each lm-eval task prompted as its recipe task says (the recipe allows one way per lm-eval task).
+        prompts = {getattr(task, role): task.prompt_settings for task in recipe.tasks for role in ("search", "holdout")}
         try:
             with named_task_errors(recipe, source):
                 self.scorers = {
                     split: Scorer(
                         self.model, tokenizer, [task_name(task, split) for task in recipe.tasks], recipe.task_paths,
-                        include_defaults=include_defaults, batch_size=batch_size, device=device,
+                        include_defaults=include_defaults, batch_size=UNMEASURED_BATCH_SIZE, device=device,
                         # Only the search is subsampled: the selection and the holdout report score every
                         # document they have.
                         limits=limits if split == "search" else None, seed=recipe.search.seed,
-                        holdback=holdback if split != "holdout" else 0.0, part=split,
+                        holdback=holdback if split != "holdout" else 0.0, part=split, prompts=prompts,
                     )
                     for split in splits
                 }
         except LimitOnGroupError as exc:
             index = next(i for i, task in enumerate(recipe.tasks) if task.search == exc.task)
             raise RecipeError(source, f"tasks[{index}].limit", str(exc)) from None
+        except FewshotError as exc:
+            index = next(i for i, task in enumerate(recipe.tasks) if exc.task in (task.search, task.holdout))
+            raise RecipeError(source, f"tasks[{index}].num_fewshot", str(exc)) from None
         self._check_metrics()
+        self.batch_size, self.batch_size_reason = batch_size, None
+        if batch_size == "auto":
+            self.batch_size, self.batch_size_reason = self._choose_batch_size(device)
+        for scorer in self.scorers.values():
+            scorer.set_batch_size(self.batch_size, measured=batch_size == "auto")
         self._current: Optional[Merge] = None
+
+    def _choose_batch_size(self, device: str) -> Tuple[int, str]:
+        """--batch-size auto: (the size, how it was chosen), measured once on the log-likelihood requests
+        of every split, with the weights the model was loaded with (timing does not depend on them)."""
+        requests = [request for scorer in self.scorers.values() for request in scorer.loglikelihood_requests()]
+        search = self.scorers["search"].lm
+        return choose_batch_size(self.model, requests, search.max_length, device, search.shared_prefix,
+                                 sliding_window(self.model.config))
 
     def describe(self) -> str:
         megabytes = self.merger.pool.layout.nbytes * len(self.merger.pool.inputs) / 2**20
         where = "kept in memory" if self.merger.in_memory else "streamed from disk for every candidate"
-        return f"checkpoints: {megabytes:.1f} MiB in all, {where} (see MERGEKIT_RECYCLE_POOL_MEMORY)"
+        batch = f"; batch size {self.batch_size}" + (f" (auto: {self.batch_size_reason})" if self.batch_size_reason else "")
+        return f"checkpoints: {megabytes:.1f} MiB in all, {where} (see MERGEKIT_RECYCLE_POOL_MEMORY){batch}"
 
     def evaluate_many(self, merges: Sequence[Merge], split: Split) -> Iterator[Tuple[int, Outcome]]:
         return one_at_a_time(self.evaluate, merges, split)
@@ -168,7 +195,8 @@ class ResidentEvaluator:
             documents = {task.name: values for task in self.recipe.tasks
                          if (values := results.samples.get(task_name(task, split), {}).get(metric_name(task.metric)))}
         return Evaluation(scores=scores, objective=objective(self.recipe, scores), documents=documents,
-                          merge_seconds=merged - started, eval_seconds=time.perf_counter() - merged)
+                          merge_seconds=merged - started, eval_seconds=time.perf_counter() - merged,
+                          notes=tuple(self.scorers[split].new_notes()))
 
     def _check_metrics(self) -> None:
         """Refuse, before anything is scored, a metric that a search or holdout task does not report

@@ -7,7 +7,7 @@ status (2 for input the user can fix); MERGEKIT_RECYCLE_DEBUG=1 shows the traceb
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional, Tuple
+from typing import Any, Callable, NoReturn, Optional, Tuple, Union
 
 import click
 
@@ -244,6 +244,20 @@ class Budget(click.ParamType):
         return int(number), increment
 
 
+class BatchSizeOption(click.ParamType):
+    """Rows per forward pass when scoring: a number, or `auto` (measured once per run)."""
+
+    name = "batch_size"
+
+    def convert(self, value: Any, param, ctx) -> Union[int, str]:
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:
+            self.fail(f"{value!r} is not a batch size: a positive number of rows, or auto", param, ctx)
+        return int(text)
+
+
 @cli.command("optimize")
 @click.argument("recipe_file", **RECIPE)
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -256,8 +270,9 @@ class Budget(click.ParamType):
 @click.option("--time-budget", type=Duration(), help="Stop the search in time to score the winner and write the report "
               "before this much time has passed (e.g. 2h, 90m).")
 @click.option("--restart", is_flag=True, help="Move an earlier run in the run folder aside and start over.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=constants.DEFAULT_BATCH_SIZE, show_default=True,
-              help="Requests per forward pass when scoring; raise it where GPU memory allows.")
+@click.option("--batch-size", type=BatchSizeOption(), default=constants.DEFAULT_BATCH_SIZE, show_default=True,
+              help="Rows per forward pass when scoring. auto: on a GPU the largest that fits, on a CPU the "
+              "throughput plateau, measured once per run (a resumed run keeps its choice on the same hardware).")
 @click.option("--push/--no-push", default=None,
               help="Publish the winner to the Hub (to output.hub_repo, else <you>/<recipe name>). "
               "Default: push when the recipe sets output.hub_repo. Access is checked before the search.")
@@ -275,7 +290,7 @@ class Budget(click.ParamType):
 @click.option("--quiet", is_flag=True, help="No progress bar or progress lines (for CI logs).")
 def optimize_command(recipe_file: Path, run_dir: Optional[Path], budget: Optional[Tuple[int, bool]],
                      seed: Optional[int], device: Optional[str], time_budget: Optional[float], restart: bool,
-                     batch_size: int, push: Optional[bool], resume_from_hub: bool, workers: Optional[int],
+                     batch_size: Union[int, str], push: Optional[bool], resume_from_hub: bool, workers: Optional[int],
                      ray_address: Optional[str], cpus_per_worker: Optional[int], quiet: bool) -> None:
     """Search the best linear merge of RECIPE_FILE's pool with CMA-ES, then report it against the baselines.
 

@@ -65,9 +65,28 @@ POOL_MEMORY_VARIABLE = "MERGEKIT_RECYCLE_POOL_MEMORY"
 # How many candidates may fail in a row before the search stops.
 MAX_CONSECUTIVE_FAILURES = 5
 
-# Requests per forward pass when scoring: small enough for long prompts and a large vocabulary
-# on a GPU; `optimize --batch-size` raises it where memory allows.
-DEFAULT_BATCH_SIZE = 64
+# Rows per forward pass when scoring: `auto` measures it once per run (loglikelihoods.choose_batch_size);
+# `optimize --batch-size N` sets it. Without log-likelihood requests to measure on, auto takes
+# UNMEASURED_BATCH_SIZE: small enough for long prompts and a large vocabulary on a GPU.
+DEFAULT_BATCH_SIZE = "auto"
+UNMEASURED_BATCH_SIZE = 64
+
+
+# Escape hatches for the forward work's shortcuts, on by default, each checked on the first candidate
+# anyway: packing the continuations of requests that share a context into one row
+# (loglikelihoods.py), and multiple-choice acc/acc_norm without lm-eval's per-document Python
+# (metrics.py). Off, a candidate is scored as lm-eval scores it (benchmarks compare the two).
+SHARED_PREFIX_VARIABLE = "MERGEKIT_RECYCLE_SHARED_PREFIX"
+VECTOR_METRICS_VARIABLE = "MERGEKIT_RECYCLE_VECTOR_METRICS"
+SCORING_VARIABLES = (SHARED_PREFIX_VARIABLE, VECTOR_METRICS_VARIABLE)  # passed on to Ray workers
+
+
+def shared_prefix() -> bool:
+    return _env_bool(SHARED_PREFIX_VARIABLE, default=True)
+
+
+def vector_metrics() -> bool:
+    return _env_bool(VECTOR_METRICS_VARIABLE, default=True)
 
 
 # The environment variable that spaces the search state's commits to the Hub during a

@@ -10,10 +10,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-import torch
+import numpy as np
 
+from mergekit_recycle import constants, metrics
 from mergekit_recycle.errors import (LimitOnGroupError, RecipeError, TaskDataNotCachedError, TaskDefinitionError,
                                      one_line, shorten)
+from mergekit_recycle.loglikelihoods import PreparedLoglikelihoods, sliding_window
 from mergekit_recycle.recipe import Recipe
 
 
@@ -83,7 +85,51 @@ def check_tasks_exist(recipe: Recipe, source: Optional[Path] = None, uncached_ok
         if task.limit and not isinstance(built.get(task.search), Task):  # a group is keyed by its group object
             raise RecipeError(source, f"tasks[{index}].limit", str(LimitOnGroupError(task.search)))
     check_metrics(recipe, built, source)  # a task not built (uncached) has no metrics to check
+    check_prompts(recipe, built, source)
+    if any(task.apply_chat_template for task in recipe.tasks):
+        folder = local_tokenizer_folder(recipe)
+        if folder is not None:  # a Hub pool's tokenizer is checked once the pool is pulled
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=recipe.merge.trust_remote_code)
+            except (OSError, ValueError):
+                tokenizer = None  # loading the pool says what is wrong with it
+            if tokenizer is not None:
+                check_chat_templates(recipe, tokenizer, source)
     return notes
+
+
+def check_prompts(recipe: Recipe, built: Dict[object, object], source: Path) -> None:
+    """Raise RecipeError at `tasks[i].num_fewshot` for a number of few-shot examples a search or holdout
+    task cannot give, and at `tasks[i].search` (or holdout) for a generate_until task that samples
+    (`built`: as `check_metrics` takes it; a task not built is not checked)."""
+    named = {_recipe_name(key): value for key, value in built.items()}
+    for index, task in enumerate(recipe.tasks):
+        for role in ("search", "holdout"):
+            name = getattr(task, role)
+            for _, leaf in recipe_leaves({name: named[name]} if name in named else {}):
+                problem = fewshot_problem(leaf, task.num_fewshot) if task.num_fewshot is not None else None
+                if problem is not None:
+                    raise RecipeError(source, f"tasks[{index}].num_fewshot", f"lm-eval task {name!r} {problem}")
+                problem = generation_problem(leaf)
+                if problem is not None:
+                    raise RecipeError(source, f"tasks[{index}].{role}", f"lm-eval task {name!r} {problem}")
+
+
+def local_tokenizer_folder(recipe: Recipe) -> Optional[Path]:
+    """The folder the search will take its tokenizer from (resident_merge.load_resident_model's rule: the
+    first checkpoint of the pool, then the anchor, with tokenizer files), where it is known without
+    pulling the pool: None if a Hub entry comes first."""
+    from mergekit_recycle.merge import has_tokenizer
+    from mergekit_recycle.recipe import LocalCheckpoint
+
+    for entry in [*recipe.pool, *([recipe.base] if recipe.base is not None else [])]:
+        if not isinstance(entry, LocalCheckpoint):
+            return None
+        if has_tokenizer(entry.path):
+            return entry.path
+    return None
 
 
 def needs_lm_eval_tasks(recipe: Recipe) -> bool:
@@ -262,18 +308,134 @@ class TaskScores(dict):
     """task name -> {metric: value}; with log_samples, also each task's per-document metric
     values in `.samples` (task -> metric, named as `metric_name` says -> values in document order)."""
 
-    samples: Dict[str, Dict[str, List[float]]]
+    def __init__(self, scores=(), samples: Optional[Dict[str, Dict[str, List[float]]]] = None):
+        super().__init__(scores)
+        self.samples = samples if samples is not None else {}
 
 
-def reuse_requests(task_dict, lm, samples: Dict[str, List[int]]) -> None:
+# lm-eval's few-shot seed unless told otherwise (simple_evaluate's fewshot_random_seed, the fourth
+# value of the CLI's --seed): the same examples as `lm_eval --num_fewshot n` for the same documents.
+FEWSHOT_SEED = 1234
+
+
+class FewshotError(ValueError):
+    """A recipe's num_fewshot that lm-eval task `task` cannot honour (callers name tasks[i].num_fewshot)."""
+
+    def __init__(self, task: str, reason: str):
+        self.task = task
+        self.reason = reason
+        super().__init__(f"lm-eval task {task!r} {reason}")
+
+
+def _recipe_name(key) -> str:
+    """The name a recipe gives an entry of lm-eval's task dict (a group is keyed by its group object)."""
+    return key if isinstance(key, str) else str(getattr(key, "group_name", key))
+
+
+def recipe_leaves(task_dict) -> Iterator[Tuple[str, object]]:
+    """(the name the recipe gives it, task) for every task in a task dict: a group's tasks under the group's name."""
+    for key, value in task_dict.items():
+        for task in leaf_tasks({_recipe_name(key): value}).values():
+            yield _recipe_name(key), task
+
+
+def set_num_fewshot(task_dict, shots: Dict[str, Optional[int]]) -> None:
+    """Give each task the recipe's num_fewshot (`shots`: recipe task name -> it; None: the task's own,
+    0 where its YAML sets none), as lm-eval's simple_evaluate does with --num_fewshot, before any
+    request is built; raise FewshotError for a number the task cannot honour."""
+    for name, task in recipe_leaves(task_dict):
+        wanted = shots.get(name)
+        if wanted is not None:
+            problem = fewshot_problem(task, wanted)
+            if problem is not None:
+                raise FewshotError(name, problem)
+            task.set_config(key="num_fewshot", value=wanted)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+
+
+def fewshot_problem(task, shots: int) -> Optional[str]:
+    """Why lm-eval `task` cannot be prompted with `shots` few-shot examples, or None."""
+    if shots == 0:
+        return None
+    if task.get_config("num_fewshot") == 0:
+        # simple_evaluate ignores --num_fewshot for such a task; a recipe asking for it is told so.
+        return "sets num_fewshot: 0 in its YAML, and lm-eval keeps it at 0 whatever --num_fewshot says"
+    if task.OUTPUT_TYPE == "loglikelihood_rolling":
+        return "is a perplexity task (loglikelihood_rolling): it takes no few-shot examples"
+    sampler = getattr(task, "sampler", None)
+    available = len(sampler.fewshot_docs()) if sampler is not None else 0
+    config = getattr(task, "fewshot_cfg", None)
+    # As lm-eval's fewshot_context: examples drawn from the task's own test documents leave the one asked out.
+    itself = config is not None and config.split == task.get_config("test_split")
+    if shots + itself > available:
+        where = "it has no documents to draw examples from" if not available else \
+            f"it draws them from {available} documents" + (", one of which is the document asked" if itself else "")
+        return f"cannot give {shots} few-shot examples: {where}; lower num_fewshot"
+    return None
+
+
+def generation_problem(task, max_length: Optional[int] = None) -> Optional[str]:
+    """Why a generate_until task cannot score a search, or None: it must decode greedily (a sampled
+    generation makes the objective noise), and leave room for a prompt in the model's length."""
+    if task.OUTPUT_TYPE != "generate_until":
+        return None
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    settings = normalize_gen_kwargs(dict(task.get_config("generation_kwargs") or {}))
+    if settings.get("do_sample"):
+        return ("samples its generations (do_sample, or a temperature above 0): every candidate would be scored on "
+                "chance; set do_sample: false in its generation_kwargs (greedy decoding)")
+    if max_length is not None and settings["max_gen_toks"] >= max_length:
+        return (f"generates up to {settings['max_gen_toks']} tokens (max_gen_toks; lm-eval's default is 256), which "
+                f"leaves no room for a prompt in the model's {max_length}: set a smaller max_gen_toks in its "
+                "generation_kwargs")
+    return None
+
+
+def chat_template_problem(tokenizer) -> Optional[str]:
+    """Why the pool's tokenizer cannot apply a chat template, or None."""
+    if getattr(tokenizer, "chat_template", None):
+        return None
+    where = getattr(tokenizer, "name_or_path", "") or "the pool's tokenizer"
+    return (f"the pool's tokenizer ({shorten(where, 200)}) has no chat template: add one (chat_template in its "
+            "tokenizer_config.json, or a chat_template.jinja), or leave apply_chat_template out")
+
+
+def check_chat_templates(recipe: Recipe, tokenizer, source: Path) -> None:
+    """Raise RecipeError at the first tasks[i].apply_chat_template that `tokenizer` cannot honour."""
+    problem = chat_template_problem(tokenizer)
+    for index, task in enumerate(recipe.tasks):
+        if task.apply_chat_template and problem is not None:
+            raise RecipeError(source, f"tasks[{index}].apply_chat_template", problem)
+
+
+def reuse_requests(task_dict, lm, samples: Dict[str, List[int]], chat: Sequence[str] = ()) -> None:
     """Build each task's requests once; lm-eval's `evaluate` would rebuild them (prompts,
-    choices, templates) for every candidate, though they never change."""
+    choices, templates) for every candidate, though they never change.
+
+    Few-shot examples are drawn as lm-eval draws them (the sampler seeded with FEWSHOT_SEED just
+    before the requests are built), and a task named in `chat` (a group: each of its tasks) is
+    prompted through the model's chat template, its few-shot examples as turns of the conversation:
+    lm-eval's --apply_chat_template, which implies --fewshot_as_multiturn."""
     from lm_eval.api.task import Task
 
     for name, task in task_dict.items():
+        settings = {}
+        if _recipe_name(name) in chat:
+            settings = dict(apply_chat_template=True, fewshot_as_multiturn=True, chat_template=lm.apply_chat_template,
+                            tokenizer_name=getattr(lm, "tokenizer_name", ""))
         if not isinstance(task, Task):
-            continue  # a group: left to lm-eval
-        task.build_all_requests(samples=samples.get(name), rank=lm.rank, world_size=lm.world_size)
+            # A group: lm-eval builds its tasks' requests for every candidate; each time as the first time.
+            for leaf in leaf_tasks(task).values():
+                def rebuild(*args, _leaf=leaf, _build=leaf.build_all_requests, _settings=settings, **kwargs) -> None:
+                    _leaf.set_fewshot_seed(seed=FEWSHOT_SEED)
+                    _build(*args, **{**kwargs, **_settings})
+
+                leaf.build_all_requests = rebuild
+            continue
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
+        task.build_all_requests(samples=samples.get(name), rank=lm.rank, world_size=lm.world_size, **settings)
         instances = task.instances
 
         def reset(*args, _instances=instances, **kwargs) -> None:
@@ -282,82 +444,6 @@ def reuse_requests(task_dict, lm, samples: Dict[str, List[int]]) -> None:
                 instance.filtered_resps = {}
 
         task.build_all_requests = reset
-
-
-class PreparedLoglikelihoods:
-    """Log-likelihood requests of a causal LM, batched once, scored per candidate in a few tensor ops.
-
-    The requests never change between candidates, only the weights do. So the inputs are
-    built once as lm-eval's HFLM builds them (context + continuation, truncated on the left
-    to the model's length, last token dropped, padded on the right with no attention mask),
-    identical inputs are run once (as HFLM does for one-token multiple-choice continuations),
-    and the log-probabilities and greedy checks of all continuation tokens are gathered at
-    once instead of in a loop per request. The model computes logits only at the positions
-    that hold a continuation token, where it can (`logits_to_keep`): a full batch × length ×
-    vocabulary tensor would not fit on a GPU for a large vocabulary.
-    """
-
-    def __init__(self, encoded, max_length: int, batch_size: int, device):
-        inputs: Dict[tuple, int] = {}
-        owners, positions, targets = [], [], []
-        for index, (_, context, continuation) in enumerate(encoded):
-            tokens = (context + continuation)[-(max_length + 1):][:-1]
-            row = inputs.setdefault(tuple(tokens), len(inputs))
-            start = len(tokens) - len(continuation)
-            owners += [index] * len(continuation)
-            positions += [(row, start + offset) for offset in range(len(continuation))]
-            targets += continuation
-        self.count = len(encoded)
-        order = sorted(inputs, key=len, reverse=True)  # similar lengths share a batch: less padding
-        where = {}
-        batches = []
-        for first in range(0, len(order), batch_size):
-            chunk = order[first:first + batch_size]
-            batch = torch.zeros((len(chunk), len(chunk[0])), dtype=torch.long)
-            for slot, tokens in enumerate(chunk):
-                batch[slot, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-                where[inputs[tokens]] = (len(batches), slot)
-            batches.append(batch)
-        self.device = device
-        self.owner = torch.tensor(owners, dtype=torch.long, device=device)
-        # Per batch: its inputs, the positions to keep, and for each continuation token in it the
-        # row, the kept column, the target token and its place among all continuation tokens.
-        self.batches = []
-        located = [(where[row], position, target) for (row, position), target in zip(positions, targets)]
-        for number, batch in enumerate(batches):
-            mine = [(slot, position, target, index)
-                    for index, ((b, slot), position, target) in enumerate(located) if b == number]
-            keep = sorted({position for _, position, _, _ in mine})
-            column = {position: i for i, position in enumerate(keep)}
-            columns = [keep, [s for s, _, _, _ in mine], [column[p] for _, p, _, _ in mine],
-                       [t for _, _, t, _ in mine], [i for _, _, _, i in mine]]
-            self.batches.append((batch.to(device), *(torch.tensor(c, dtype=torch.long, device=device) for c in columns)))
-        self.tokens = len(targets)
-        self.keep_supported = True
-
-    def _logits(self, model, batch: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Logits at the kept positions, (batch, kept, vocabulary)."""
-        if self.keep_supported:
-            try:
-                return model(batch, logits_to_keep=keep).logits
-            except TypeError:  # a model class without logits_to_keep
-                self.keep_supported = False
-        return model(batch).logits[:, keep]
-
-    @torch.no_grad()
-    def score(self, model) -> List[tuple]:
-        """(sum of continuation log-probs, whether the continuation is the greedy one) per request."""
-        logprob = torch.empty(self.tokens, dtype=torch.float64, device=self.device)
-        greedy = torch.empty(self.tokens, dtype=torch.bool, device=self.device)
-        for batch, keep, rows, columns, targets, places in self.batches:
-            picked = torch.log_softmax(self._logits(model, batch, keep)[rows, columns].float(), dim=-1)
-            logprob[places] = picked.gather(1, targets.unsqueeze(1)).squeeze(1).double()
-            greedy[places] = picked.argmax(dim=-1) == targets
-        totals = torch.zeros(self.count, dtype=torch.float64, device=self.device)
-        totals.index_add_(0, self.owner, logprob)
-        misses = torch.zeros(self.count, dtype=torch.long, device=self.device)
-        misses.index_add_(0, self.owner, (~greedy).long())
-        return list(zip(totals.tolist(), (misses == 0).tolist()))
 
 
 def resident_hflm(**kwargs):
@@ -369,15 +455,30 @@ def resident_hflm(**kwargs):
     from lm_eval.models.huggingface import HFLM
 
     class ResidentHFLM(HFLM):
+        shared_prefix = True  # pack requests that share a context (Scorer: MERGEKIT_RECYCLE_SHARED_PREFIX)
+        # Rows per generate() call; None: the batch size. --batch-size auto measures log-likelihood rows,
+        # not generation's cache of prompt + max_gen_toks per row, so generation keeps to a smaller batch.
+        generation_batch_size: Optional[int] = None
+
+        def generation_rows(self) -> int:
+            return self.generation_batch_size or int(self.batch_size)
+
         def loglikelihood(self, requests, disable_tqdm: bool = False):
-            encoded = [self._encoded(*request.args) for request in requests]
             if self.backend != "causal":
+                encoded = [self._encoded(*request.args) for request in requests]
                 return self._loglikelihood_tokens(encoded, disable_tqdm=disable_tqdm)
+            return self.prepared(requests).score(self.model)
+
+        def prepared(self, requests) -> PreparedLoglikelihoods:
+            """A causal model's `requests`, batched once (and again after set_batch_size)."""
             prepared = self.__dict__.setdefault("_prepared", {})
             key = tuple(request.args for request in requests)
             if key not in prepared:
-                prepared[key] = PreparedLoglikelihoods(encoded, self.max_length, int(self.batch_size), self.device)
-            return prepared[key].score(self.model)
+                prepared[key] = PreparedLoglikelihoods([self._encoded(*request.args) for request in requests],
+                                                       self.max_length, int(self.batch_size), self.device,
+                                                       shared_prefix=self.shared_prefix,
+                                                       window=sliding_window(self.model.config))
+            return prepared[key]
 
         def _encoded(self, context: str, continuation: str):
             cache = self.__dict__.setdefault("_encodings", {})
@@ -391,7 +492,77 @@ def resident_hflm(**kwargs):
                 cache[(context, continuation)] = ((context, continuation), *pair)
             return cache[(context, continuation)]
 
+        def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
+            """lm-eval's HFLM.generate_until, with everything but the generation done once per set of
+            requests: the ordering and batching (the same batches as HFLM's, so the same outputs), the
+            tokenized, padded prompts, the stop sequences. Each call then runs the model's `generate` on
+            its current weights, with a fresh KV cache and the request's own settings (greedy unless the
+            task samples), and nothing of one call is kept for the next but the inputs."""
+            prepared = self.__dict__.setdefault("_generations", {})
+            # The batches depend on the batch size, which may be set after the first call (--batch-size auto).
+            key = (self.generation_rows(), tuple((request.args[0], repr(request.args[1])) for request in requests))
+            if key not in prepared:
+                prepared[key] = self._prepare_generations([request.args for request in requests])
+            collator, batches = prepared[key]
+            outputs: List[str] = []
+            for contexts, gen_kwargs, inputs, attention, until, max_length, settings in batches:
+                generated = self._model_generate(context=inputs, attention_mask=attention, stop=list(until),
+                                                 max_length=max_length, **settings).tolist()
+                for tokens, context in zip(generated, contexts):
+                    if self.backend == "causal":
+                        tokens = tokens[inputs.shape[1]:]  # the prompt and its left padding
+                    outputs.append(self._generated_text(tokens, until))
+                    self.cache_hook.add_partial("generate_until", (context, gen_kwargs), outputs[-1])
+            return collator.get_original(outputs)
+
+        def _prepare_generations(self, arguments):
+            """(lm-eval's Collator, which restores the requests' order, and per batch: its contexts and
+            generation settings, prompt tokens and attention mask on the device, stop sequences, the
+            length to generate to, and the settings left for `generate`), as HFLM.generate_until makes them."""
+            from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs
+
+            tokens = {context: self.tok_encode(context) for context in {context for context, _ in arguments}}
+            collator = Collator(arguments, sort_fn=lambda request: (-len(tokens[request[0]]), request[0]),
+                                group_by="gen_kwargs", group_fn=lambda request: request[1])
+            eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+            batches = []
+            for chunk in collator.get_batched(n=self.generation_rows()):
+                contexts, all_gen_kwargs = zip(*chunk)
+                settings = normalize_gen_kwargs(all_gen_kwargs[0], self.max_gen_toks)
+                until = handle_stop_sequences(settings.pop("until", None), eos=eos)
+                max_gen_toks = settings.pop("max_gen_toks")
+                limit = self.max_length
+                if self.backend == "causal":
+                    limit = self.max_length - max_gen_toks
+                    if limit <= 0:
+                        raise ValueError(f"max_gen_toks {max_gen_toks} leaves no room for a prompt in the model's "
+                                         f"length ({self.max_length})")
+                inputs, attention = self.tok_batch_encode(list(contexts), left_truncate_len=limit,
+                                                          truncation=self.truncation)
+                max_length = settings.pop("max_length", inputs.shape[1] + max_gen_toks)
+                batches.append((contexts, all_gen_kwargs[0], inputs.to(self.device), attention.to(self.device),
+                                tuple(until), max_length, settings))
+            return collator, batches
+
+        def _generated_text(self, tokens: List[int], until) -> str:
+            """A generation's text as HFLM.generate_until returns it: past a thinking section, before a stop sequence."""
+            from lm_eval.models.utils import postprocess_generated_text
+
+            if isinstance(self.think_end_token, int):
+                ends = [index for index, token in enumerate(tokens) if token == self.think_end_token]
+                tokens = tokens[ends[-1] + 1:] if ends else tokens
+            text = self.tok_decode(tokens)
+            if isinstance(self.think_end_token, int):
+                text = text.lstrip()
+            return postprocess_generated_text(generation=text, stop=list(until),
+                                              think_end_token=self.think_end_token
+                                              if isinstance(self.think_end_token, str) else None)
+
     return ResidentHFLM(**kwargs)
+
+
+# Candidates of a run (per process) whose vectorised metrics are checked against lm-eval's.
+CHECKED_CANDIDATES = 3
 
 
 class Scorer:
@@ -405,7 +576,9 @@ class Scorer:
     def __init__(self, model, tokenizer, tasks: Sequence[str], task_paths: Sequence[Path] = (),
                  include_defaults: bool = False, batch_size: int = 256, device: str = "cpu",
                  limits: Optional[Dict[str, int]] = None, seed: int = 0, holdback: float = 0.0,
-                 part: str = "search"):
+                 part: str = "search", prompts: Optional[Dict[str, Tuple[Optional[int], bool]]] = None):
+        """`prompts`: task name -> (num_fewshot, apply_chat_template), as a recipe's TaskSpec.prompt_settings;
+        a task left out is prompted as its YAML says, without a chat template."""
         from lm_eval.tasks import TaskManager
 
         quiet_lm_eval()
@@ -413,28 +586,112 @@ class Scorer:
                               include_defaults=include_defaults)
         self.tasks = list(tasks)
         self.task_dict = build_tasks(self.tasks, manager)
+        prompts = prompts or {}
+        set_num_fewshot(self.task_dict, {name: shots for name, (shots, _) in prompts.items()})
         self.samples = seeded_subsets(self.task_dict, limits or {}, seed, holdback, part)
         self.model = model
         self.lm = resident_hflm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-        reuse_requests(self.task_dict, self.lm, self.samples)
+        self.lm.shared_prefix = constants.shared_prefix()
+        chat = [name for name, (_, chat) in prompts.items() if chat]
+        for name, task in recipe_leaves(self.task_dict):
+            problem = generation_problem(task, self.lm.max_length) or (
+                chat_template_problem(self.lm.tokenizer) if name in chat else None)
+            if problem is not None:
+                raise TaskDefinitionError(name, problem)
+        reuse_requests(self.task_dict, self.lm, self.samples, chat=chat)
+        # Multiple-choice tasks scored without lm-eval's per-document Python (metrics.py), checked
+        # against it on the first candidates.
+        self.vectorised = {name: metrics.task_table(name, task) for name, task in self.task_dict.items()
+                           if constants.vector_metrics() and isinstance(name, str) and metrics.vectorisable(task) is None}
+        self.checks_left = CHECKED_CANDIDATES
+        self._vectorised_requests: Optional[PreparedLoglikelihoods] = None
+        self.notes: List[str] = []
+        self._said: set = set()
 
     def score(self, log_samples: bool = False) -> TaskScores:
         """Every task's metrics for the current weights, named as `metric_name` says."""
         import lm_eval.evaluator
 
-        results = lm_eval.evaluator.evaluate(
-            self.lm, self.task_dict, samples=self.samples or None, bootstrap_iters=0, log_samples=log_samples,
-            verbosity="ERROR",
-        )
         scores = TaskScores()
-        for task in self.tasks:
-            scores[task] = {
-                metric_name(key): value
-                for key, value in results["results"][task].items()
-                if "," in key and "_stderr" not in key
-            }
-        scores.samples = {task: per_document(samples) for task, samples in (results.get("samples") or {}).items()}
-        return scores
+        if self.vectorised:
+            self._score_vectorised(scores)
+        rest = {name: task for name, task in self.task_dict.items() if name not in self.vectorised}
+        if rest:
+            samples = {name: indices for name, indices in self.samples.items() if name not in self.vectorised}
+            results = lm_eval.evaluator.evaluate(
+                self.lm, rest, samples=samples or None, bootstrap_iters=0, log_samples=log_samples, verbosity="ERROR",
+            )
+            for task in self.tasks:
+                if task in self.vectorised:
+                    continue
+                scores[task] = {metric_name(key): value for key, value in results["results"][task].items()
+                                if "," in key and "_stderr" not in key}
+            scores.samples.update((task, per_document(samples)) for task, samples in (results.get("samples") or {}).items())
+        if not log_samples:
+            scores.samples = {}
+        return TaskScores({task: scores[task] for task in self.tasks}, samples=scores.samples)
+
+    def _score_vectorised(self, scores: TaskScores) -> None:
+        """Score the vectorised tasks from one call for all their log-likelihoods; on the first
+        candidates, check every document against lm-eval's process_results, and hand the tasks back
+        to lm-eval for the rest of the run at the first difference."""
+        if self._vectorised_requests is None:  # built once: a key of every request's text costs a candidate's time
+            self._vectorised_requests = self.lm.prepared([i for table in self.vectorised.values() for i in table.instances])
+        results = self._vectorised_requests.score(self.model)
+        loglikelihoods = np.array([ll for ll, _ in results], dtype=np.float64)
+        start = 0
+        problem = None
+        for name, table in self.vectorised.items():
+            mine = slice(start, start + len(table.instances))
+            start = mine.stop
+            values = metrics.table_scores(table, loglikelihoods[mine])
+            if self.checks_left > 0 and problem is None:
+                problem = metrics.check(self.task_dict[name], table, results[mine], values)
+            aggregation = self.task_dict[name].aggregation()
+            scores[name] = {metric: aggregation[metric](per_doc.tolist()) for metric, per_doc in values.items()}
+            scores.samples[name] = {metric: per_doc.tolist() for metric, per_doc in values.items()}
+        self.checks_left -= 1
+        if problem is not None:
+            self.notes.append(f"vectorised metrics differ from lm-eval's ({problem}): lm-eval computes them for "
+                              "the rest of the run")
+            self.vectorised = {}
+            prepared = self.lm.__dict__.get("_prepared", {})
+            for key in [key for key, value in prepared.items() if value is self._vectorised_requests]:
+                del prepared[key]  # lm-eval's evaluate asks for the requests in its own order
+            self._vectorised_requests = None
+            for name in list(scores):
+                del scores[name]
+            scores.samples.clear()
+
+    def loglikelihood_requests(self) -> list:
+        """Every log-likelihood request built once, encoded as the model scores them (a group's are built
+        by lm-eval for every candidate: not among them)."""
+        return [self.lm._encoded(*instance.args) for task in leaf_tasks(self.task_dict).values()
+                for instance in getattr(task, "_instances", None) or () if instance.request_type == "loglikelihood"]
+
+    def forward_stats(self) -> Dict[str, int]:
+        """What a candidate feeds the model for the log-likelihood requests: requests, rows, batches,
+        tokens (real, and with the padding), and whether shared prefixes are packed."""
+        stats = [prepared.statistics() for prepared in self.lm.__dict__.get("_prepared", {}).values()]
+        totals = {key: sum(s[key] for s in stats) for key in ("requests", "rows", "batches", "tokens", "padded")}
+        return {**totals, "shared_prefix": all(s["shared_prefix"] for s in stats)}
+
+    def set_batch_size(self, batch_size: int, measured: bool = False) -> None:
+        """Rows per forward pass from now on (requests already batched are batched again); a `measured`
+        one (--batch-size auto) is not used for generation beyond UNMEASURED_BATCH_SIZE rows."""
+        self.lm.batch_size_per_gpu = batch_size
+        self.lm.generation_batch_size = min(batch_size, constants.UNMEASURED_BATCH_SIZE) if measured else None
+        for cache in ("_prepared", "_generations"):
+            self.lm.__dict__.pop(cache, None)
+        self._vectorised_requests = None
+
+    def new_notes(self) -> List[str]:
+        """What changed how this scorer works (a fallback), not returned before."""
+        prepared = self.lm.__dict__.get("_prepared", {}).values()
+        notes = self.notes + [p.note for p in prepared if p.note is not None]
+        fresh = [note for note in dict.fromkeys(notes) if note not in self._said]
+        self._said.update(fresh)
+        return fresh
 
 
 def per_document(samples: List[dict]) -> Dict[str, List[float]]:

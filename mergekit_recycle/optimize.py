@@ -21,17 +21,18 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
 
 from mergekit_recycle import constants
 from mergekit_recycle.baselines import first_baselines, greedy_soup
-from mergekit_recycle.candidate import SPLITS, CandidateEvaluator, OneAtATime, Outcome
+from mergekit_recycle.candidate import SPLITS, BatchSize, CandidateEvaluator, OneAtATime, Outcome
 from mergekit_recycle.clock import Clock, OutOfTime
 from mergekit_recycle.config_files import write_atomically
 from mergekit_recycle.errors import (FinalMergeError, HubStateError, RecycleError, RunDirError, SearchAbortedError, one_line)
 from mergekit_recycle.hub import PICKLE_FILE
 from mergekit_recycle.journal import Journal, now, writing
 from mergekit_recycle.ledger import Ledger
+from mergekit_recycle.loglikelihoods import hardware
 from mergekit_recycle.mergekit_yaml import write_merge_config
 from mergekit_recycle.pool import Pool, resolve_pool
 from mergekit_recycle.proposal import Merge, SearchSpace
@@ -68,7 +69,7 @@ class RunOptions:
     time_budget: Optional[float] = None  # seconds, counted from `started`
     restart: bool = False
     in_memory: Optional[bool] = None  # None: keep the pool in memory when it fits
-    batch_size: int = constants.DEFAULT_BATCH_SIZE
+    batch_size: BatchSize = constants.DEFAULT_BATCH_SIZE
     started: Optional[float] = None  # time.monotonic() when the command started; None: when optimize() is called
     budget_is_increment: bool = False  # budget counts the evaluations to add to the run's, not the run's total
     # Ray (ray_evaluator.py): used when either of the first two is given, never imported otherwise.
@@ -113,7 +114,8 @@ def fingerprint(recipe: Recipe, pool: Pool, absolute_paths: bool = False) -> Dic
         # A Hub checkpoint's commit SHA names its content already: its files need not be read.
         "pool": [[c.name, c.source if c.sha else where(c.path), files(c.path) if c.sha is None else None]
                  for c in pool.inputs] + [pool.base.name if pool.base else None],
-        "tasks": [task.model_dump(mode="json") for task in recipe.tasks] + [[where(p) for p in recipe.task_paths]],
+        # num_fewshot and apply_chat_template only where set: a run started before they existed resumes.
+        "tasks": [task.fingerprint_data() for task in recipe.tasks] + [[where(p) for p in recipe.task_paths]],
         "search": _search_settings(recipe),
         # Only the holdback changes what the search sees; finalists and confidence only choose among what was
         # scored, so a finished run can be decided again with other settings without searching again.
@@ -163,6 +165,7 @@ class Run:
         # An evaluator written before batches (evaluate() only) evaluates them one merge at a time.
         self.evaluator = evaluator if hasattr(evaluator, "evaluate_many") else OneAtATime(evaluator)
         self.say = _beside_bars(say) if progress and sys.stderr.isatty() else say
+        self.said: Set[str] = set()  # the evaluators' notes said so far
         self.progress = progress
         self.saved = saved  # called whenever the journal has grown by a stage or a generation
         self.saved_at = len(journal.records)
@@ -257,6 +260,10 @@ class Run:
             prepare([candidates[index] for index in chunk])
             for position, outcome in self.evaluator.evaluate_many([candidates[index].merge for index in chunk], split):
                 index = chunk[position]
+                for note in outcome.evaluation.notes if outcome.evaluation is not None else ():
+                    if note not in self.said:  # every split's scorer and every Ray worker finds it on its own
+                        self.said.add(note)
+                        self.say(note)
                 records[index] = record = self.ledger.append(self._record(candidates[index], split, outcome))
                 if record.ok:
                     self.clock.record(split, record.merge_seconds + record.eval_seconds)
@@ -660,8 +667,10 @@ def run_identity(recipe: Recipe, pool: Pool) -> Json:
             "entries": {location: entry.model_dump(mode="json") for location, entry in entries.items()}}
 
 
-def start_session(journal: Journal, recipe: Recipe, pool: Pool, options: RunOptions, recipe_text: str) -> None:
-    """Journal what this run is (once, when it first gets going) and what this session was asked."""
+def start_session(journal: Journal, recipe: Recipe, pool: Pool, options: RunOptions, recipe_text: str,
+                  batch_size: Optional[BatchSize] = None, batch_size_device: Optional[str] = None) -> None:
+    """Journal what this run is (once, when it first gets going) and what this session was asked, with the
+    batch size its evaluator scores with."""
     if not journal.of_type(RunRecord):
         run = RunRecord(
             version=2, recipe=recipe.name, fingerprint=fingerprint(recipe, pool), started=now(),
@@ -674,7 +683,8 @@ def start_session(journal: Journal, recipe: Recipe, pool: Pool, options: RunOpti
         else:
             journal.append(run)
     journal.append(SessionRecord(started=now(), budget=options.budget, seed=options.seed,
-                                 time_budget=options.time_budget, device=options.device, workers=options.workers))
+                                 time_budget=options.time_budget, device=options.device, workers=options.workers,
+                                 batch_size=batch_size, batch_size_device=batch_size_device))
     with writing(options.run_dir / RECIPE_COPY, options.run_dir):
         write_atomically(options.run_dir / RECIPE_COPY, recipe_text)
 
@@ -751,12 +761,14 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
                                                      in_memory=options.in_memory, batch_size=options.batch_size, say=say)
         else:
             candidate_evaluator = ResidentEvaluator(recipe, pool, device, source, in_memory=options.in_memory,
-                                                    batch_size=options.batch_size)
+                                                    batch_size=run_batch_size(journal, options.batch_size, device, say))
         try:
             if hasattr(candidate_evaluator, "describe"):
                 say(candidate_evaluator.describe())
             # Only now, once the pool loaded: a run that could not start leaves no record to be refused by.
-            start_session(journal, recipe, pool, options, source.read_text(encoding="utf-8"))
+            batch_size = getattr(candidate_evaluator, "batch_size", None)
+            start_session(journal, recipe, pool, options, source.read_text(encoding="utf-8"), batch_size,
+                          hardware(device) if options.batch_size == "auto" and isinstance(batch_size, int) else None)
             saved = ((lambda final=False: hub_state.save(options.run_dir, say, final=final)) if hub_state is not None
                      else (lambda final=False: None))
             run = Run(recipe, source, pool, options, journal, candidate_evaluator, say, progress, saved)
@@ -787,6 +799,19 @@ def optimize(recipe: Recipe, source: Path, options: RunOptions, say: Callable[[s
         if winner is not None and hub_state is None:
             merge_winner(options.run_dir, device, trust_remote_code=recipe.merge.trust_remote_code)
         return report
+
+
+def run_batch_size(journal: Journal, asked: BatchSize, device: str, say: Callable[[str], None]) -> BatchSize:
+    """`asked`, unless it is auto and an earlier session of the run chose one on this hardware: once per run."""
+    if asked != "auto":
+        return asked
+    here = hardware(device)
+    chosen = [session.batch_size for session in journal.of_type(SessionRecord)
+              if session.batch_size_device == here and isinstance(session.batch_size, int)]
+    if chosen:
+        say(f"batch size {chosen[-1]}: chosen by --batch-size auto in an earlier session of this run ({here})")
+        return chosen[-1]
+    return asked
 
 
 def pins_of(recipe: Recipe, pool: Pool) -> Dict[str, Any]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from mergekit_recycle import constants
-from mergekit_recycle.candidate import FATAL_ERRORS, Outcome, attempt
+from mergekit_recycle.candidate import FATAL_ERRORS, BatchSize, Outcome, attempt
 from mergekit_recycle.errors import PoolError, RayNotInstalledError, RayWorkerError, one_line
 from mergekit_recycle.pool import Pool
 from mergekit_recycle.proposal import Merge
@@ -67,7 +67,7 @@ class EvaluationWorker:
                 "gpus": [str(gpu) for gpu in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]}
 
     def load(self, recipe: Recipe, source: Path, pool: Pool, pins: Dict[str, Any], device: str,
-             in_memory: Optional[bool], batch_size: int) -> Tuple[str, Any]:
+             in_memory: Optional[bool], batch_size: BatchSize) -> Tuple[str, Any]:
         """Build the resident model and scorers once; ("ok", description) or ("fatal", the error)."""
         from mergekit_recycle.candidate import ResidentEvaluator
 
@@ -155,7 +155,7 @@ class RayEvaluator:
     workers: int
     cpus_per_worker: int
     in_memory: Optional[bool] = None
-    batch_size: int = constants.DEFAULT_BATCH_SIZE
+    batch_size: BatchSize = constants.DEFAULT_BATCH_SIZE
     say: Callable[[str], None] = lambda line: None
     started_ray: bool = False  # whether this run started the Ray instance it uses (and shuts it down)
     slots: List[Slot] = field(default_factory=list)
@@ -169,7 +169,7 @@ class RayEvaluator:
     @classmethod
     def start(cls, recipe: Recipe, source: Path, pool: Pool, pins: Dict[str, Any], device: str,
               workers: Optional[int], address: Optional[str], cpus_per_worker: Optional[int],
-              in_memory: Optional[bool] = None, batch_size: int = constants.DEFAULT_BATCH_SIZE,
+              in_memory: Optional[bool] = None, batch_size: BatchSize = constants.DEFAULT_BATCH_SIZE,
               say: Callable[[str], None] = lambda line: None) -> "RayEvaluator":
         """Join the cluster at `address` (or start a local Ray instance for `workers` workers), place the
         workers, and load the pool on each: when this returns, the workers placed are ready to evaluate."""
@@ -217,8 +217,11 @@ class RayEvaluator:
 
     def _actor_class(self):
         ray = ray_module()
+        # The scoring switches (constants.SCORING_VARIABLES) as this process has them, on every node.
+        switches = {name: os.environ[name] for name in constants.SCORING_VARIABLES if name in os.environ}
         return ray.remote(num_cpus=self.cpus_per_worker, num_gpus=1 if self.device == "cuda" else 0,
-                          max_restarts=0, max_concurrency=1)(EvaluationWorker)
+                          max_restarts=0, max_concurrency=1,
+                          runtime_env={"env_vars": switches} if switches else None)(EvaluationWorker)
 
     def _place(self, slot: Slot) -> None:
         """Start an actor for `slot`; Ray places it, then `_arrived` has it load the pool."""

@@ -78,6 +78,8 @@ MIN_SIGMA0, MAX_SIGMA0 = 1e-6, 10.0
 MIN_SCALE, MAX_SCALE = 1e-3, 1e3
 MAX_BUDGET = 10**9
 MAX_POPULATION = 10**4
+# Few-shot examples per prompt: beyond this a value is a typo (no model's context holds that many).
+MAX_FEWSHOT = 10**4
 # lm-eval metric names, optionally with a filter: `acc`, `exact_match,strict-match`.
 MetricName = Annotated[str, StringConstraints(pattern=r"^[^,\s]+(,[^,\s]+)?$")]
 
@@ -219,6 +221,11 @@ class TaskSpec(Frozen):
     # [MIN_WEIGHT, MAX_WEIGHT], so that every share of the objective is a number the report can print.
     weight: NonNegativeFloat = 1.0
     limit: Optional[Annotated[StrictInt, Field(gt=0, le=MAX_LIMIT)]] = None
+    # As lm-eval's --num_fewshot and --apply_chat_template, for both the search and the holdout task.
+    # Fields added after the first recipes: at their defaults they leave a run's fingerprint unchanged
+    # (LATER_TASK_FIELDS). None: the number the task's YAML gives (0 where it gives none).
+    num_fewshot: Optional[Annotated[StrictInt, Field(ge=0, le=MAX_FEWSHOT)]] = None
+    apply_chat_template: StrictBool = False
 
     @field_validator("weight")
     @classmethod
@@ -239,6 +246,24 @@ class TaskSpec(Frozen):
     def metric_key(self) -> str:
         """The key lm-eval reports the metric under; the `none` filter is implied."""
         return self.metric if "," in self.metric else f"{self.metric},none"
+
+    @property
+    def prompt_settings(self) -> Tuple[Optional[int], bool]:
+        """What changes the prompts lm-eval builds for this task's documents: (num_fewshot, apply_chat_template)."""
+        return self.num_fewshot, self.apply_chat_template
+
+    def fingerprint_data(self) -> Dict[str, Any]:
+        """This task as a run's fingerprint records it: the fields added later only where they are
+        not at their defaults, so that a run started before they existed resumes."""
+        data = self.model_dump(mode="json")
+        for field in LATER_TASK_FIELDS:
+            if getattr(self, field) == type(self).model_fields[field].default:
+                del data[field]
+        return data
+
+
+# TaskSpec fields added after runs were first fingerprinted (see TaskSpec.fingerprint_data).
+LATER_TASK_FIELDS = ("num_fewshot", "apply_chat_template")
 
 
 Scale = Annotated[StrictFloat, Field(ge=MIN_SCALE, le=MAX_SCALE)]
@@ -373,6 +398,18 @@ class Recipe(Frozen):
         for index, name in enumerate(names):
             if names.index(name) != index:
                 raise ValueError(f"tasks[{index}].name: {shorten(repr(name))} is used by tasks[{names.index(name)}] too")
+        prompts: Dict[str, int] = {}  # lm-eval task -> the first recipe task that scores it
+        for index, task in enumerate(self.tasks):
+            for name in (task.search, task.holdout):
+                first = prompts.setdefault(name, index)
+                other = self.tasks[first]
+                if other.prompt_settings != task.prompt_settings:
+                    field = "num_fewshot" if other.num_fewshot != task.num_fewshot else "apply_chat_template"
+                    raise ValueError(
+                        f"tasks[{index}].{field}: lm-eval task {shorten(repr(name))} is scored by tasks[{first}] too, "
+                        f"with {field} {_yaml_value(getattr(other, field))}; an lm-eval task is prompted one way "
+                        "in a run"
+                    )
         searched = [task.search for task in self.tasks]
         for index, task in enumerate(self.tasks):
             if task.holdout in searched:
@@ -391,6 +428,11 @@ class Recipe(Frozen):
     def shares(self) -> Dict[str, float]:
         """task name -> its share of the objective (the weights, normalised)."""
         return dict(zip([task.name for task in self.tasks], normalise([task.weight for task in self.tasks])))
+
+
+def _yaml_value(value: Any) -> str:
+    """A setting as a recipe writes it (`true`, `3`), or `unset`."""
+    return "unset" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 def parse_recipe(data: Any, recipe_dir: Path, source: Path = Path("<recipe>")) -> Recipe:
@@ -420,9 +462,11 @@ def describe_recipe(recipe: Recipe, source: Optional[Path] = None) -> str:
     lines.append(f"tasks    {len(recipe.tasks)}; objective = weighted mean of the search metrics")
     for task, share in ((task, shares[task.name]) for task in recipe.tasks):
         limit = "all examples" if task.limit is None else f"a seeded subset of {task.limit}"
+        prompts = "" if task.num_fewshot is None else f", {task.num_fewshot}-shot"
+        prompts += ", chat template" if task.apply_chat_template else ""
         lines.append(
             f"  {task.name}: search={task.search} holdout={task.holdout} metric={task.metric_key} "
-            f"weight={task.weight:g} ({share:.0%} of the objective), {limit}"
+            f"weight={task.weight:g} ({share:.0%} of the objective), {limit}{prompts}"
         )
     lines.append("task_paths " + (", ".join(str(p) for p in recipe.task_paths) or "none (lm-eval's own tasks)"))
     search = recipe.search

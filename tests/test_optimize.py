@@ -19,7 +19,7 @@ from conftest import lines, run_cli
 from mergekit_recycle.candidate import ResidentEvaluator
 from mergekit_recycle.errors import PoolError, SearchAbortedError
 from mergekit_recycle.journal import Journal
-from mergekit_recycle.records import EvaluationRecord
+from mergekit_recycle.records import EvaluationRecord, SessionRecord
 from mergekit_recycle.mergekit_yaml import write_merge_config
 from mergekit_recycle.optimize import RunOptions, optimize
 from mergekit_recycle.pool import resolve_pool
@@ -215,6 +215,10 @@ def test_rerunning_a_finished_run_evaluates_nothing_and_a_larger_budget_continue
     again = optimize_cli(recipe_file, run_dir, "--budget", str(BUDGET))
     assert again.returncode == 0, again.stderr
     assert Journal(run_dir / "journal.jsonl").of_type(EvaluationRecord) == before  # only a session and a finish line more
+    # --batch-size auto chose once, and the session that resumed on the same machine kept the choice.
+    first, second = Journal(run_dir / "journal.jsonl").of_type(SessionRecord)
+    assert isinstance(first.batch_size, int) and " CPU, " in first.batch_size_device
+    assert (second.batch_size, second.batch_size_device) == (first.batch_size, first.batch_size_device)
     more = optimize_cli(recipe_file, run_dir, "--budget", str(BUDGET + 3))
     assert more.returncode == 0, more.stderr
     assert len(evaluated(run_dir)) == BUDGET + 3
