@@ -60,8 +60,9 @@ class SessionRecord(JournalRecord):
     time_budget: Optional[float] = None
     device: Optional[str] = None
     workers: Optional[int] = None  # Ray workers asked for; None: evaluated in the driver process
-    # Rows per forward pass (a setting: scores do not depend on it), and the device it was chosen for by
-    # --batch-size auto, which a resumed run on that device keeps; "auto" where each Ray worker chose its own.
+    # Rows per forward pass (a setting: scores depend on it only by float rounding), and the hardware
+    # (loglikelihoods.hardware) --batch-size auto chose it on, where a resumed run keeps it; "auto" where
+    # each Ray worker chose its own.
     batch_size: Optional[Union[int, Literal["auto"]]] = None
     batch_size_device: Optional[str] = None
     OPTIONAL: ClassVar[FrozenSet[str]] = frozenset({"seed", "device", "workers", "batch_size", "batch_size_device"})
