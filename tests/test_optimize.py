@@ -348,11 +348,12 @@ def test_too_many_failures_in_a_row_stop_with_state_saved(recipe_file, tmp_path)
 
 def test_time_budget_stops_in_time_and_reports(recipe_file, tmp_path):
     started = time.monotonic()
-    result = optimize_cli(recipe_file, tmp_path / "run", "--budget", "1000", "--time-budget", "30s")
+    # A budget no 30 s can reach: a candidate of the small pool takes about 25 ms now.
+    result = optimize_cli(recipe_file, tmp_path / "run", "--budget", "100000", "--time-budget", "30s")
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["stopped_early"] and report["evaluations"] < 1000
+    assert report["stopped_early"] and report["evaluations"] < 100000
     assert elapsed < 30 + 15  # the budget counts from the start of the run; Python's start-up comes on top
     assert (tmp_path / "run" / "merged" / "model.safetensors").is_file()
 
